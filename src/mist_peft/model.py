@@ -1,0 +1,169 @@
+"""`MISTModel`, the PEFT tuner: injects sparse-delta layers and defines the sparse checkpoint format.
+
+Checkpoint layout, per targeted module `<m>` (keys after PEFT strips the adapter name):
+- `<m>.mist_values`  the delta values (float), one per selected entry;
+- `<m>.mist_indices` the sorted flat indices as a uint8 varint gap stream (`sparse_io.py`);
+- `<m>.mist_shape`   the base weight's shape (int64), so a wrong base model is reported by name and shape.
+Nothing the size of a base weight is ever written.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ._peft_compat import MIST_PREFIX
+from .config import MISTConfig
+from .layer import Conv2d, Embedding, Linear, MISTLayer
+from .sparse_io import decode_indices, encode_indices
+
+_SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv2d and nn.Embedding"
+
+
+class MISTModel(BaseTuner):
+    """PEFT tuner for MIST: frozen base weights plus trainable deltas on a selected subset of their entries.
+
+    Use through `peft.get_peft_model(model, MISTConfig(...))` after `import mist_peft`.
+    """
+
+    prefix: str = MIST_PREFIX
+    tuner_layer_cls = MISTLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: MISTConfig, model_config: dict) -> MISTConfig:
+        return peft_config  # target_modules defaults to "all-linear" in the config itself
+
+    def _create_and_replace(self, config: MISTConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, parameter_name: str | None = None) -> None:
+        if parameter_name is not None:
+            raise ValueError("MIST targets modules, not bare parameters: use `target_modules`.")
+        if isinstance(target, MISTLayer):
+            target.update_layer(adapter_name, config, module_key=current_key)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, nn.Linear):
+            new = Linear(target, adapter_name, config, module_key=current_key)
+        elif isinstance(base, Conv1D):
+            new = Linear(target, adapter_name, config, fan_in_fan_out=True, module_key=current_key)
+        elif isinstance(base, nn.Conv2d):
+            new = Conv2d(target, adapter_name, config, module_key=current_key)
+        elif isinstance(base, nn.Embedding):
+            new = Embedding(target, adapter_name, config, module_key=current_key)
+        else:
+            raise ValueError(
+                f"Module '{current_key}' is a {type(base).__name__}; MIST supports {_SUPPORTED}. "
+                "Remove it from `target_modules` or add it to `exclude_modules`."
+            )
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)
+        self._replace_module(parent, target_name, new, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: MISTConfig, adapter_name: str) -> None:
+        """Data-free selections pick their entries now, so `get_peft_model` returns a trainable model."""
+        if config.selection in ("magnitude", "random"):
+            from .selection import select_data_free
+
+            select_data_free(model, adapter_name, config)
+
+    def _check_new_adapter_config(self, config: MISTConfig) -> None:
+        super()._check_new_adapter_config(config)
+
+    # ------------------------------------------------------------------- sparse checkpoint format
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        shapes = _mist_weight_shapes(model, adapter_name)
+        for key in list(out):
+            if key.endswith(f".mist_indices.{adapter_name}"):
+                module_key = key.removesuffix(f".mist_indices.{adapter_name}")
+                out[key] = encode_indices(out[key])
+                out[f"{module_key}.mist_shape.{adapter_name}"] = torch.tensor(shapes[module_key], dtype=torch.int64)
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Validate the sparse checkpoint against this model and size the placeholders before loading."""
+        peft_prefix = "base_model.model."
+        modules = {name.removeprefix("_fsdp_wrapped_module."): m for name, m in model.named_modules()
+                   if isinstance(m, MISTLayer)}
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        rest = {}
+        for key, value in state_dict.items():
+            module_key, _, leaf = key.rpartition(".")
+            if leaf in ("mist_values", "mist_indices", "mist_shape"):
+                found.setdefault(module_key, {})[leaf] = value
+            else:
+                rest[key] = value
+        unknown = [k for k in found if _resolve(k, modules, peft_prefix) is None]
+        if unknown:
+            raise ValueError(
+                f"This MIST checkpoint has deltas for {len(unknown)} module(s) that the model does not have as MIST "
+                f"layers, e.g. '{unknown[0]}'. Load it on the base model it was trained on (same architecture and "
+                "module names) with the adapter_config.json saved beside it."
+            )
+        missing = [name for name, m in modules.items() if adapter_name in m.mist_values
+                   and not any(_resolve(k, modules, peft_prefix) is m for k in found)]
+        if missing:
+            raise ValueError(
+                f"This MIST checkpoint has no deltas for {len(missing)} targeted module(s), e.g. '{missing[0]}'. "
+                "The checkpoint and its adapter_config.json do not belong together; re-save the adapter."
+            )
+        for module_key, parts in found.items():
+            layer = _resolve(module_key, modules, peft_prefix)
+            indices, values = _install_checkpoint_entry(module_key, layer, adapter_name, parts)
+            # Placeholders are now sized; PEFT's load_state_dict fills them (and reports nothing as missing).
+            rest[f"{module_key}.mist_indices"] = indices
+            rest[f"{module_key}.mist_values"] = values
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, rest)
+
+
+def _resolve(checkpoint_module_key: str, modules: dict[str, MISTLayer], peft_prefix: str) -> MISTLayer | None:
+    key = checkpoint_module_key
+    return modules.get(key) or modules.get(key.removeprefix(peft_prefix)) or modules.get(peft_prefix + key)
+
+
+def _mist_weight_shapes(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
+    return {
+        name.removeprefix("_fsdp_wrapped_module."): list(m.get_base_layer().weight.shape)
+        for name, m in model.named_modules()
+        if isinstance(m, MISTLayer) and adapter_name in m.mist_values
+    }
+
+
+def _install_checkpoint_entry(module_key: str, layer: MISTLayer, adapter_name: str,
+                              parts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode and check one module's entries, then install them (values and indices) into the layer."""
+    for needed in ("mist_values", "mist_indices"):
+        if needed not in parts:
+            raise ValueError(f"MIST checkpoint is incomplete: '{module_key}' has no '{needed}'. Re-save the adapter.")
+    weight = layer.get_base_layer().weight
+    saved_shape = tuple(int(s) for s in parts["mist_shape"].tolist()) if "mist_shape" in parts else None
+    if saved_shape is not None and saved_shape != tuple(weight.shape):
+        raise ValueError(
+            f"MIST checkpoint does not fit module '{module_key}': it was saved for a weight of shape {saved_shape}, "
+            f"but this model's weight has shape {tuple(weight.shape)}. Load the adapter on the base model it was "
+            "trained on."
+        )
+    try:
+        indices = decode_indices(parts["mist_indices"])
+    except ValueError as err:
+        raise ValueError(f"MIST checkpoint is corrupted at module '{module_key}': {err}. Re-save or re-download "
+                         "the adapter.") from err
+    values = parts["mist_values"]
+    if values.ndim != 1 or values.numel() != indices.numel():
+        raise ValueError(
+            f"MIST checkpoint is corrupted at module '{module_key}': {values.numel()} values for "
+            f"{indices.numel()} indices. Re-save or re-download the adapter."
+        )
+    if indices.numel() and int(indices[-1]) >= weight.numel():
+        raise ValueError(
+            f"MIST checkpoint does not fit module '{module_key}': index {int(indices[-1])} is out of range for a "
+            f"weight of shape {tuple(weight.shape)} ({weight.numel()} entries). Load the adapter on the base model "
+            "it was trained on."
+        )
+    if not torch.isfinite(values).all():
+        raise ValueError(f"MIST checkpoint is corrupted at module '{module_key}': its values hold NaN or inf.")
+    layer.set_indices(adapter_name, indices, values)
+    return indices, values
