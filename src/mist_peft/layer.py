@@ -219,7 +219,12 @@ class _SparseDeltaLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, fan_in_fan_out: bool, meta: list, *values):
         w = _compose(weight, meta, values)
-        y = F.linear(x, w.t() if fan_in_fan_out else w, bias)
+        if fan_in_fan_out:  # the same kernel as transformers' Conv1D, so zero deltas reproduce it exactly
+            x2 = x.reshape(-1, x.shape[-1])
+            y2 = torch.addmm(bias, x2, w) if bias is not None else x2 @ w
+            y = y2.view(*x.shape[:-1], w.shape[1])
+        else:
+            y = F.linear(x, w, bias)
         ctx.fan_in_fan_out, ctx.meta = fan_in_fan_out, meta
         ctx.save_for_backward(x, weight, bias, *values)
         return y

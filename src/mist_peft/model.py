@@ -60,8 +60,11 @@ class MISTModel(BaseTuner):
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
 
-    def _post_injection_hook(self, model: nn.Module, config: MISTConfig, adapter_name: str) -> None:
-        """Data-free selections pick their entries now, so `get_peft_model` returns a trainable model."""
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """Inject the layers; data-free selections pick their entries now (also for `add_adapter`), so
+        `get_peft_model` returns a trainable model at once."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
         if config.selection in ("magnitude", "random"):
             from .selection import select_data_free
 

@@ -1,0 +1,267 @@
+"""The MIST tuner on BERT, ViT, GPT-2 (Conv1D), a small Llama and a Conv2d model."""
+
+import pytest
+import torch
+from conftest import MODELS, model_output, tiny_bert, tiny_inputs
+from peft import get_peft_model
+
+import mist_peft
+from mist_peft import MISTConfig, layer as layer_mod
+from mist_peft.selection import count_for, mist_layers
+
+TARGETS = {
+    "bert": ["query", "value", "dense", "word_embeddings"],
+    "vit": "all-linear",
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "v_proj", "up_proj", "down_proj"],
+    "cnn": ["conv1", "conv2", "head"],
+}
+
+
+def make(kind, **kw):
+    base = MODELS[kind]()
+    snapshot = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    inputs = tiny_inputs(kind)
+    with torch.no_grad():
+        reference = model_output(base, inputs)
+    kw.setdefault("selection", "magnitude")
+    model = get_peft_model(base, MISTConfig(target_modules=TARGETS[kind], **kw))
+    return model, inputs, reference, snapshot
+
+
+def train(model, inputs, steps=3, opt_cls=torch.optim.AdamW, **opt_kw):
+    opt_kw.setdefault("lr", 1e-2)
+    opt = opt_cls([p for p in model.parameters() if p.requires_grad], **opt_kw)
+    mist_peft.attach_optimizer(opt, model)
+    model.train()
+    for _ in range(steps):
+        model_output(model, inputs).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return opt
+
+
+def base_weight_key(name: str) -> str:
+    return name.removeprefix("base_model.model.") + ".weight"
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_output_equals_base_at_initialisation(kind):
+    model, inputs, reference, _ = make(kind)
+    with torch.no_grad():
+        assert torch.equal(model_output(model, inputs), reference)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_training_changes_only_selected_entries(kind):
+    model, inputs, reference, snapshot = make(kind, grad_drop=0.5)
+    layers = mist_layers(model, "default")
+    selected = {n: m.mist_indices["default"].clone() for n, m in layers.items()}
+    train(model, inputs, steps=4, weight_decay=0.1)
+    total_changed = 0
+    for name, layer in layers.items():
+        original = snapshot[base_weight_key(name)]
+        assert torch.equal(layer.get_base_layer().weight, original), "the base weight must stay untouched"
+        changed = torch.nonzero((layer.get_delta_weight("default") + original != original).reshape(-1)).reshape(-1)
+        assert torch.isin(changed, selected[name]).all()
+        assert changed.numel() <= count_for(original.numel(), 0.05)
+        total_changed += changed.numel()
+    assert total_changed > 0
+    with torch.no_grad():
+        assert not torch.allclose(model_output(model, inputs), reference)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "cnn"])
+def test_about_one_minus_grad_drop_of_selected_entries_move_per_step(kind):
+    model, inputs, _, _ = make(kind, density=0.3, grad_drop=0.9)
+    layers = mist_layers(model, "default")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2, momentum=0.9)
+    mist_peft.attach_optimizer(opt, model)
+    model.train()
+    shares = []
+    for _ in range(4):
+        before = {n: m.mist_values["default"].detach().clone() for n, m in layers.items()}
+        model_output(model, inputs).pow(2).mean().backward()
+        kept = {n: m.kept_positions("default") for n, m in layers.items()}
+        opt.step()
+        opt.zero_grad()
+        moved = total = 0
+        for n, m in layers.items():
+            diff = torch.nonzero(m.mist_values["default"].detach() != before[n]).reshape(-1)
+            assert torch.isin(diff, kept[n]).all(), "an entry outside the kept subset moved"
+            moved += diff.numel()
+            total += before[n].numel()
+        shares.append(moved / total)
+    mean = sum(shares) / len(shares)
+    assert 0.07 <= mean <= 0.13, shares  # binomial spread on a few thousand entries
+
+
+def test_strict_sparsity_keeps_value_and_optimizer_state_of_dropped_entries():
+    model, inputs, _, _ = make("bert", density=0.3, grad_drop=0.8)
+    layers = mist_layers(model, "default")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9, weight_decay=0.1)
+    mist_peft.attach_optimizer(opt, model)
+    model.train()
+    for step in range(5):
+        values = {n: m.mist_values["default"] for n, m in layers.items()}
+        before = {n: v.detach().clone() for n, v in values.items()}
+        state = {n: opt.state[v]["momentum_buffer"].clone() for n, v in values.items() if v in opt.state}
+        model_output(model, inputs).pow(2).mean().backward()
+        kept = {n: m.kept_positions("default") for n, m in layers.items()}
+        opt.step()
+        opt.zero_grad()
+        for n, v in values.items():
+            dropped = torch.ones(v.numel(), dtype=torch.bool)
+            dropped[kept[n]] = False
+            assert torch.equal(v.detach()[dropped], before[n][dropped])
+            if n in state:
+                assert torch.equal(opt.state[v]["momentum_buffer"][dropped], state[n][dropped])
+        assert step < 1 or state, "momentum buffers exist after the first step"
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_merge_unmerge_and_merge_and_unload(kind):
+    model, inputs, reference, snapshot = make(kind, grad_drop=0.0)
+    train(model, inputs, steps=2)
+    with torch.no_grad():
+        unmerged = model_output(model, inputs)
+        model.merge_adapter()
+        merged = model_output(model, inputs)
+        torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+        model.unmerge_adapter()
+        for name, layer in mist_layers(model).items():
+            assert torch.equal(layer.get_base_layer().weight, snapshot[base_weight_key(name)])
+        assert torch.equal(model_output(model, inputs), unmerged)
+        plain = model.merge_and_unload()
+        assert not mist_layers(plain)
+        torch.testing.assert_close(model_output(plain, inputs), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_unload_restores_the_original_model_exactly():
+    model, inputs, reference, _ = make("bert", grad_drop=0.0)
+    train(model, inputs, steps=2)
+    plain = model.unload()
+    with torch.no_grad():
+        assert torch.equal(model_output(plain, inputs), reference)
+
+
+def test_named_adapters_set_disable_delete():
+    model, inputs, reference, _ = make("bert", grad_drop=0.0)
+    train(model, inputs, steps=2)
+    model.add_adapter("other", MISTConfig(target_modules=TARGETS["bert"], selection="random", seed=3))
+    layers = mist_layers(model, "other")
+    assert layers and all(m.mist_values["other"].numel() > 0 for m in layers.values())
+    with torch.no_grad():
+        out_default = model_output(model, inputs)
+        model.set_adapter("other")
+        assert torch.equal(model_output(model, inputs), reference)  # "other" is still all zeros
+        model.set_adapter("default")
+        assert torch.equal(model_output(model, inputs), out_default)
+        with model.disable_adapter():
+            assert torch.equal(model_output(model, inputs), reference)
+    model.delete_adapter("other")
+    assert not mist_layers(model, "other")
+    assert all("other" not in m.mist_indices and "other" not in m.mist_seed for m in mist_layers(model).values())
+
+
+def test_trainable_parameter_count_is_the_selected_entries():
+    model, *_ = make("bert", density=0.1)
+    expected = sum(count_for(m.get_base_layer().weight.numel(), 0.1) for m in mist_layers(model).values())
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == expected
+    assert total == sum(p.numel() for p in model.parameters())
+
+
+def test_global_granularity_selects_density_of_all_targeted_weights():
+    model, *_ = make("bert", density=0.1, granularity="global")
+    layers = mist_layers(model).values()
+    total = sum(m.get_base_layer().weight.numel() for m in layers)
+    assert sum(m.mist_values["default"].numel() for m in layers) == round(0.1 * total)
+    shares = [m.mist_values["default"].numel() / m.get_base_layer().weight.numel() for m in layers]
+    assert max(shares) - min(shares) > 0.01  # a global top-k is not the same share everywhere
+
+
+def test_magnitude_selection_picks_the_largest_weights():
+    model, *_ = make("bert", density=0.1)
+    for layer in mist_layers(model).values():
+        w = layer.get_base_layer().weight.detach().abs().reshape(-1)
+        chosen = torch.zeros_like(w, dtype=torch.bool)
+        chosen[layer.mist_indices["default"]] = True
+        assert w[chosen].min() >= w[~chosen].max()
+
+
+def test_get_delta_weight_and_safe_merge_rejects_nan():
+    model, inputs, _, snapshot = make("bert", grad_drop=0.0)
+    train(model, inputs, steps=1)
+    layer = model.base_model.model.encoder.layer[0].attention.self.query
+    key = "encoder.layer.0.attention.self.query.weight"
+    layer.merge()
+    torch.testing.assert_close(layer.get_base_layer().weight - snapshot[key], layer.get_delta_weight("default"))
+    layer.unmerge()
+    with torch.no_grad():
+        layer.mist_values["default"][0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.get_base_layer().weight, snapshot[key])
+
+
+@pytest.mark.parametrize("sparse_share", [1.0, 0.0])
+def test_fused_linear_gradients_match_dense_autograd(sparse_share, monkeypatch):
+    """Both backward paths (gather-dot and dense-then-gather) give autograd's gradients at kept entries."""
+    monkeypatch.setattr(layer_mod, "SPARSE_GRAD_MAX_SHARE", sparse_share)
+    for fan_in_fan_out in (False, True):
+        torch.manual_seed(0)
+        weight = torch.randn(6, 5) if not fan_in_fan_out else torch.randn(5, 6)
+        bias = torch.randn(6)
+        idx = torch.tensor([0, 3, 7, 11, 20, 29])
+        values = torch.randn(6, requires_grad=True)
+        kept = torch.tensor([1, 2, 5])
+        x = torch.randn(3, 4, 5, requires_grad=True)
+        y = layer_mod._SparseDeltaLinear.apply(x, weight, bias, fan_in_fan_out, [(idx, kept, 2.0)], values)
+        y.pow(2).sum().backward()
+        v_ref = values.detach().clone().requires_grad_(True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        w_ref = weight.reshape(-1).index_add(0, idx, v_ref).view_as(weight)
+        y_ref = x_ref @ w_ref + bias if fan_in_fan_out else x_ref @ w_ref.t() + bias
+        y_ref.pow(2).sum().backward()
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        expected = torch.zeros(6)
+        expected[kept] = 2.0 * v_ref.grad[kept]
+        torch.testing.assert_close(values.grad, expected)
+
+
+def test_kept_subset_depends_only_on_seed_layer_and_step():
+    """Two independently built models (two processes) draw the same subsets, step after step."""
+    draws = []
+    for _ in range(2):
+        model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query"], selection="magnitude", density=0.5))
+        model.train()
+        steps = []
+        for _ in range(3):
+            steps.append([m.kept_positions("default").clone() for m in mist_layers(model).values()])
+            for m in mist_layers(model).values():
+                m.mist_step += 1
+        draws.append(steps)
+    for a, b in zip(draws[0], draws[1], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(draws[0][0][0], draws[0][1][0])
+
+
+def test_unsupported_module_type_names_the_module_and_the_fix():
+    with pytest.raises(ValueError, match="LayerNorm.*exclude_modules"):
+        get_peft_model(tiny_bert(), MISTConfig(target_modules=["LayerNorm"], selection="magnitude"))
+
+
+def test_mi_fisher_leaves_empty_placeholders_that_keep_the_base_output():
+    base = tiny_bert()
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        reference = model_output(base, inputs)
+    model = get_peft_model(base, MISTConfig(target_modules=["query"]))
+    assert all(m.mist_values["default"].numel() == 0 for m in mist_layers(model).values())
+    assert model.get_nb_trainable_parameters()[0] == 0
+    with torch.no_grad():
+        assert torch.equal(model_output(model, inputs), reference)
