@@ -6,7 +6,8 @@ from conftest import MODELS, model_output, tiny_bert, tiny_inputs
 from peft import get_peft_model
 
 import mist_peft
-from mist_peft import MISTConfig, layer as layer_mod
+from mist_peft import MISTConfig
+from mist_peft import layer as layer_mod
 from mist_peft.selection import count_for, mist_layers
 
 TARGETS = {

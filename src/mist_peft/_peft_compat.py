@@ -16,6 +16,9 @@ any of these assumptions breaks under a new PEFT release.
    through a temporary folder and are moved into place config-last (a folder without
    `adapter_config.json` does not load), the card gets MIST's facts, and `push_to_hub` uploads exactly
    what `save_pretrained` wrote. Every other PEFT type takes the original code path untouched.
+4. transformers 5 loads adapters in `PreTrainedModel.load_adapter` with its own weight loader, which
+   bypasses PEFT's state-dict hooks (so a sparse checkpoint would be loaded undecoded). For MIST configs
+   only, `load_adapter` injects the layers and loads through PEFT's `set_peft_model_state_dict`.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import shutil
 import tempfile
 
 import peft
-from peft import PeftModel
+from peft import PeftConfig, PeftModel, inject_adapter_in_model, load_peft_weights, set_peft_model_state_dict
 from peft.tuners._buffer_dict import BufferDict  # noqa: F401  (re-exported for layer.py)
 from peft.utils import PeftType, register_peft_method
+from transformers.integrations.peft import PeftAdapterMixin
 
 MIST_NAME = "mist"
 MIST_PREFIX = "mist_"
@@ -122,10 +126,48 @@ def _push_to_hub(self: PeftModel, repo_id: str, *args, **kwargs):
     return push_to_hub(self, repo_id, *args, **kwargs)
 
 
+_original_load_adapter = PeftAdapterMixin.load_adapter
+_DOWNLOAD_KWARGS = ("token", "revision", "cache_dir", "local_files_only", "subfolder")
+
+
+@functools.wraps(_original_load_adapter)
+def _load_adapter(self, peft_model_id=None, adapter_name=None, peft_config=None, adapter_state_dict=None,
+                  *args, **kwargs):
+    config = peft_config
+    if config is None and peft_model_id is not None:
+        download = {k: kwargs[k] for k in _DOWNLOAD_KWARGS if k in kwargs}
+        try:
+            config = PeftConfig.from_pretrained(str(peft_model_id), **download)
+        except Exception:  # let transformers report its own, more specific error
+            config = None
+    if isinstance(config, dict) and config.get("peft_type") == MistPeftType.MIST.value:
+        config = PeftConfig.from_peft_type(**config)
+    if not is_mist_config(config):
+        return _original_load_adapter(self, peft_model_id, adapter_name, peft_config, adapter_state_dict,
+                                      *args, **kwargs)
+    adapter_name = adapter_name or "default"
+    if getattr(self, "_hf_peft_config_loaded", False) and adapter_name in self.peft_config:
+        raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
+    config.inference_mode = not kwargs.get("is_trainable", False)
+    inject_adapter_in_model(config, self, adapter_name)
+    self._hf_peft_config_loaded = True
+    if adapter_state_dict is None:
+        download = {k: kwargs[k] for k in _DOWNLOAD_KWARGS if k in kwargs}
+        adapter_state_dict = load_peft_weights(str(peft_model_id), **download)
+    result = set_peft_model_state_dict(self, adapter_state_dict, adapter_name=adapter_name)
+    if config.inference_mode:
+        self.eval()
+        for name, param in self.named_parameters():
+            if f"{MIST_PREFIX}values.{adapter_name}" in name:
+                param.requires_grad_(False)
+    return result
+
+
 def install_peft_model_wrappers() -> None:
-    """Route MIST saves and uploads through the atomic, card-correct path (idempotent)."""
+    """Route MIST saves, uploads and transformers loads through MIST's paths (idempotent)."""
     PeftModel.save_pretrained = _save_pretrained
     PeftModel.push_to_hub = _push_to_hub
+    PeftAdapterMixin.load_adapter = _load_adapter
 
 
 def peft_version() -> str:
