@@ -1,8 +1,9 @@
 """Choosing the entries: top-`density` of a score, per tensor or globally, installed into the adapters.
 
-Scores are non-negative float32 tensors shaped like the base weights: |W| ("magnitude"), seeded uniform
-noise ("random"), or accumulated squared MI-loss gradients ("mi_fisher", `scoring.py`). The global top-k
-finds its threshold by bisection on the float bit patterns, so it never concatenates the scores.
+Scores are float32 tensors shaped like the base weights: |W| ("magnitude"), seeded uniform noise
+("random"), or accumulated squared MI-loss gradients ("mi_fisher", `scoring.py`); a negative score marks
+an entry that may never be chosen. The global top-k finds its threshold by bisection on the bit patterns
+of the non-negative floats (which order like integers), so it never concatenates the scores.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def top_entries(scores: Mapping[str, torch.Tensor], density: float, granularity:
     if granularity != "global":
         raise ValueError(f"granularity={granularity!r} is invalid: choose 'per_tensor' or 'global'.")
     flat = {name: s.reshape(-1).float() for name, s in scores.items()}
-    if any(bool((s < 0).any()) or not bool(torch.isfinite(s).all()) for s in flat.values()):
-        raise ValueError("scores must be finite and non-negative for a global selection")
+    if any(not bool(torch.isfinite(s).all()) for s in flat.values()):
+        raise ValueError("scores must be finite for a global selection")
     total = sum(s.numel() for s in flat.values())
     k = count_for(total, density)
 

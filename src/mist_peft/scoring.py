@@ -1,0 +1,131 @@
+"""MI-Fisher selection: one pass of the MI loss, squared gradients accumulated per targeted weight.
+
+Score(w) = mean over minibatches of (dL_MI/dw)^2 (the reference's extra 1/N does not change rankings).
+Memory: one fp32 score tensor per targeted weight; each weight's gradient is folded into its score by a
+post-accumulate hook and freed at once. Under several processes every process scores its own shard and
+the scores are summed (Accelerate's `reduce`), so every process installs the same mask.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .layer import MISTLayer
+from .objectives import MIObjective
+from .selection import install_selection, top_entries
+
+PEFT_PREFIX = "base_model.model."
+
+
+def weight_name(module_name: str) -> str:
+    """Module names without PEFT's wrapper prefix: stable keys for caches and cross-task state."""
+    return module_name.removeprefix(PEFT_PREFIX)
+
+
+def adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, MISTLayer]:
+    return {weight_name(n): m for n, m in model.named_modules()
+            if isinstance(m, MISTLayer) and adapter_name in m.mist_values}
+
+
+def active_adapter(model: nn.Module) -> str:
+    name = getattr(model, "active_adapter", None)
+    return name if isinstance(name, str) else "default"
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def mi_fisher_scores(objective: MIObjective, dataloader: Iterable, layers: Mapping[str, MISTLayer],
+                     accelerator=None, max_batches: int | None = None) -> dict[str, torch.Tensor]:
+    """Accumulate squared minibatch gradients of the MI loss for each targeted base weight."""
+    weights = {name: layer.get_base_layer().weight for name, layer in layers.items()}
+    scores = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    handles, was_trainable = [], {name: w.requires_grad for name, w in weights.items()}
+
+    def fold(name: str):
+        def hook(param: torch.Tensor) -> None:
+            scores[name].add_(param.grad.detach().float().pow(2))
+            param.grad = None
+        return hook
+
+    for name, w in weights.items():
+        w.requires_grad_(True)
+        handles.append(w.register_post_accumulate_grad_hook(fold(name)))
+    trainable = [p for p in objective.parameters() if p.requires_grad and not any(p is w for w in weights.values())]
+    device = next(iter(weights.values())).device if weights else torch.device("cpu")
+    was_training = objective.training
+    objective.train()  # the reference scores in train mode (dropout views for text need it too)
+    batches = 0
+    total = min(len(dataloader), max_batches) if hasattr(dataloader, "__len__") and max_batches else None
+    show = accelerator is None or accelerator.is_local_main_process
+    try:
+        for batch in tqdm(dataloader, total=total, desc="MI-Fisher scoring", disable=not show):
+            if max_batches is not None and batches >= max_batches:
+                break
+            objective(_to_device(batch, device)).backward()
+            for p in trainable:
+                p.grad = None
+            batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for name, w in weights.items():
+            w.requires_grad_(was_trainable[name])
+        objective.train(was_training)
+    count = torch.tensor(float(batches), device=device)
+    if accelerator is not None and accelerator.num_processes > 1:
+        count = accelerator.reduce(count, "sum")
+        scores = {name: accelerator.reduce(s, "sum") for name, s in scores.items()}
+    if float(count) == 0:
+        raise ValueError("The scoring dataloader yielded no batch; MI-Fisher selection needs data.")
+    return {name: s.div_(float(count)) for name, s in scores.items()}
+
+
+def select_mi_fisher(model: nn.Module, objective: MIObjective, dataloader: Iterable, *,
+                     adapter_name: str | None = None, accelerator=None, max_batches: int | None = None,
+                     cache_file: str | os.PathLike | None = None,
+                     exclude: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Score, pick the top `density` (per tensor or global, from the adapter's config) and install it.
+
+    `exclude` maps weight names to boolean masks of entries that may not be selected (the cross-task frozen
+    set, MIST_SPEC §3.7). `cache_file` stores the scores; a later call with the same layers reuses them.
+    Returns the installed indices by weight name.
+    """
+    adapter_name = adapter_name or active_adapter(model)
+    config = model.peft_config[adapter_name]
+    layers = adapter_layers(model, adapter_name)
+    if not layers:
+        raise ValueError(f"The model has no MIST layers for adapter '{adapter_name}'.")
+    shapes = {name: tuple(m.get_base_layer().weight.shape) for name, m in layers.items()}
+    scores = _load_cache(cache_file, shapes)
+    if scores is None:
+        scores = mi_fisher_scores(objective, dataloader, layers, accelerator, max_batches)
+        is_main = accelerator is None or accelerator.is_main_process
+        if cache_file is not None and is_main:
+            tmp = f"{cache_file}.tmp"
+            torch.save({"shapes": shapes, "scores": {k: v.cpu() for k, v in scores.items()}}, tmp)
+            os.replace(tmp, cache_file)
+    for name, mask in (exclude or {}).items():
+        scores[name] = scores[name].masked_fill(mask.to(scores[name].device), -1.0)  # negative: never chosen
+    chosen = top_entries(scores, config.density, config.granularity)
+    del scores
+    prefix = {weight_name(n): n for n, m in model.named_modules() if isinstance(m, MISTLayer)}
+    install_selection(model, adapter_name, {prefix[name]: idx for name, idx in chosen.items()})
+    return chosen
+
+
+def _load_cache(cache_file, shapes: Mapping[str, tuple]) -> dict[str, torch.Tensor] | None:
+    if cache_file is None or not os.path.exists(cache_file):
+        return None
+    data = torch.load(cache_file, map_location="cpu", weights_only=True)
+    if {k: tuple(v) for k, v in data["shapes"].items()} != dict(shapes):
+        raise ValueError(f"The score cache {cache_file} was computed for other weights (names or shapes differ); "
+                         "delete it or pass another cache_file.")
+    return data["scores"]

@@ -1,0 +1,251 @@
+"""Tuning the selected entries with the MI loss under gradient dropout: an Accelerate loop and a Trainer.
+
+Both paths: select with MI-Fisher when the adapter still has placeholders, optimise the MIST values (and
+the projection head, at its own learning rate), make the optimizer strictly sparse (`attach_optimizer`),
+log the MI loss and the share of selected entries that got a gradient in each step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+
+from .encoders import FeatureEncoder
+from .layer import MISTLayer
+from .objectives import MIObjective
+from .optim import attach_optimizer
+from .scoring import active_adapter, select_mi_fisher
+
+
+@dataclass
+class MISTTrainingConfig:
+    """Knobs of the tuning phase. Reference values (MIST_SPEC §3.8): SGD, momentum 0.9, weight decay 5e-4,
+    lr 1e-4 for the backbone and 1e-2 for the head. Our defaults use AdamW at 1e-3 on the values, because
+    with 90% gradient dropout and no rescaling the reference's SGD at 1e-4 barely moves a short CPU run;
+    set `optimizer="sgd", lr=1e-4` to follow the reference."""
+
+    loss: Literal["mist", "supcon", "ce"] = "mist"
+    temperature: float = 0.07
+    pooling: Literal["mean", "cls"] = "mean"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    head_lr: float = 1e-2
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    max_steps: int | None = None
+    epochs: int = 1
+    max_score_batches: int | None = None
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "head_lr", "temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"MISTTrainingConfig.{name}={getattr(self, name)!r} is invalid: it must be > 0.")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"MISTTrainingConfig.optimizer={self.optimizer!r} is invalid: use 'adamw' or 'sgd'.")
+
+
+def needs_selection(model: nn.Module, adapter_name: str) -> bool:
+    """True while the adapter still holds the empty placeholders of `selection="mi_fisher"`."""
+    return any(isinstance(m, MISTLayer) and adapter_name in m.mist_values and m.mist_values[adapter_name].numel() == 0
+               for m in model.modules())
+
+
+def kept_digest(model: nn.Module, adapter_name: str) -> str:
+    """Short hash of this step's kept subsets: equal on every process when the draws agree."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for m in model.modules():
+        if isinstance(m, MISTLayer) and adapter_name in m.mist_kept and m.mist_kept[adapter_name][1] is not None:
+            h.update(m.mist_kept[adapter_name][1].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def kept_share(model: nn.Module, adapter_name: str) -> float:
+    """Share of the selected entries that received a gradient in the current step."""
+    kept = total = 0
+    for m in model.modules():
+        if isinstance(m, MISTLayer) and adapter_name in m.mist_values:
+            n = m.mist_values[adapter_name].numel()
+            positions = m.mist_kept.get(adapter_name)
+            kept += n if positions is None or positions[1] is None else positions[1].numel()
+            total += n
+    return kept / max(1, total)
+
+
+def make_optimizer(model: nn.Module, head: nn.Module, config: MISTTrainingConfig) -> torch.optim.Optimizer:
+    """One group for the MIST values, one for the head; only trainable tensors."""
+    head_ids = {id(p) for p in head.parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids], "lr": config.lr},
+        {"params": [p for p in head.parameters() if p.requires_grad], "lr": config.head_lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def build_objective(model: nn.Module, config: MISTTrainingConfig, head: nn.Module | None = None,
+                    views=None) -> MIObjective:
+    return MIObjective(FeatureEncoder(model, config.pooling), head, loss=config.loss,
+                       temperature=config.temperature, views=views, num_classes=config.num_classes)
+
+
+def default_accelerator() -> Accelerator:
+    """Index buffers are identical on every process, so DDP need not broadcast them each step; targeted
+    layers whose output the pooled features never use (e.g. BERT's pooler) leave parameters unused."""
+    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False,
+                                                                      find_unused_parameters=True)])
+
+
+def train_mist(model: nn.Module, dataloader: Iterable, *, head: nn.Module | None = None,
+               config: MISTTrainingConfig | None = None, accelerator: Accelerator | None = None,
+               views=None, score_dataloader: Iterable | None = None,
+               cache_file: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Select (if needed) and tune a MIST model with the MI loss; returns {"head", "history", "steps"}.
+
+    Runs unchanged on one process or under `accelerate launch`: scores are summed across processes, the
+    dropout subset is drawn identically everywhere, and gradients are averaged by DDP.
+    """
+    config = config or MISTTrainingConfig()
+    accelerator = accelerator or default_accelerator()
+    adapter = active_adapter(model)
+    objective = build_objective(model, config, head, views).to(accelerator.device)
+    model.to(accelerator.device)
+    if needs_selection(model, adapter):
+        scoring_loader = accelerator.prepare(score_dataloader or dataloader)
+        select_mi_fisher(model, objective, scoring_loader, adapter_name=adapter, accelerator=accelerator,
+                         max_batches=config.max_score_batches, cache_file=cache_file)
+    optimizer = make_optimizer(model, objective.head, config)
+    wrapped, optimizer, loader = accelerator.prepare(objective, optimizer, dataloader)
+    handles = attach_optimizer(optimizer, model)
+    steps_per_epoch = len(loader) if hasattr(loader, "__len__") else None
+    total = config.max_steps or (steps_per_epoch * config.epochs if steps_per_epoch else None)
+    history = []
+    bar = tqdm(total=total, desc="MIST tuning", disable=not accelerator.is_local_main_process)
+    wrapped.train()
+    step = 0
+    try:
+        while total is None or step < total:
+            for batch in loader:
+                loss = wrapped(batch)
+                accelerator.backward(loss)
+                share = kept_share(model, adapter)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                logged = accelerator.reduce(loss.detach(), "mean").item()
+                history.append({"step": step, "mi_loss": logged, "kept_share": share,
+                                "kept_digest": kept_digest(model, adapter)})
+                accelerator.log({"mi_loss": logged, "kept_share": share}, step=step)
+                bar.update(1)
+                bar.set_postfix(mi_loss=f"{logged:.3f}", kept=f"{share:.3f}")
+                if total is not None and step >= total:
+                    break
+            if total is None:
+                break
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+    wrapped.eval()
+    return {"head": accelerator.unwrap_model(wrapped).head, "history": history, "steps": step}
+
+
+class MISTCallback(TrainerCallback):
+    """For any `Trainer` (your loss, your head): strict sparsity and per-step dropout redraws for MIST."""
+
+    def __init__(self) -> None:
+        self.handles: list = []
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is not None and optimizer is not None and not self.handles:
+            self.handles = attach_optimizer(optimizer, model)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class MISTTrainer(Trainer):
+    """`Trainer` that runs MIST: MI-Fisher selection before training, the MI loss, a projection head.
+
+    Use it with your usual `TrainingArguments` (keep `remove_unused_columns=False` if your collator adds
+    fields the model does not take). Logs `mi_loss` (as `loss`) and `mist_kept_share`.
+    """
+
+    def __init__(self, *args, mist_config: MISTTrainingConfig | None = None, head: nn.Module | None = None,
+                 views=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mist_config = mist_config or MISTTrainingConfig(lr=self.args.learning_rate)
+        self.objective = build_objective(self.model, self.mist_config, head, views).to(self.args.device)
+        self.add_callback(MISTCallback())
+        self._kept_shares: list[float] = []
+
+    def train(self, *args, **kwargs):
+        adapter = active_adapter(self.model)
+        if needs_selection(self.model, adapter):
+            select_mi_fisher(self.model, self.objective, self.get_train_dataloader(), adapter_name=adapter,
+                             accelerator=self.accelerator, max_batches=self.mist_config.max_score_batches)
+            self.optimizer = None  # the values were re-created with their selected sizes
+        return super().train(*args, **kwargs)
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is None:
+            self.optimizer = make_optimizer(self.model, self.objective.head, self.mist_config)
+            self.optimizer.param_groups[0]["lr"] = self.args.learning_rate
+            if self.args.world_size > 1:  # the head lives outside the DDP-wrapped model: average it here
+                head = list(self.objective.head.parameters())
+
+                def average_head_grads(opt, args, kwargs):
+                    for p in head:
+                        if p.grad is not None:
+                            p.grad = self.accelerator.reduce(p.grad, "mean")
+
+                self.optimizer.register_step_pre_hook(average_head_grads)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.objective.encoder.backbone = model  # the (possibly DDP-wrapped) model the Trainer trains
+        loss = self.objective(inputs)
+        self._kept_shares.append(kept_share(self.model, active_adapter(self.model)))
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._kept_shares:
+            logs["mist_kept_share"] = sum(self._kept_shares) / len(self._kept_shares)
+            self._kept_shares = []
+        super().log(logs, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.objective.head.state_dict().items()},
+                      os.path.join(output_dir, "mist_head.safetensors"))
+
+
+def state_fingerprint(model: nn.Module) -> dict[str, str]:
+    """SHA-256 of every MIST layer's indices and values: equal on all processes of a consistent run."""
+    import hashlib
+
+    masks, values = hashlib.sha256(), hashlib.sha256()
+    for name, m in sorted((n, m) for n, m in model.named_modules() if isinstance(m, MISTLayer)):
+        for adapter in sorted(m.mist_values):
+            masks.update(f"{name}.{adapter}".encode() + m.mist_indices[adapter].cpu().numpy().tobytes())
+            values.update(m.mist_values[adapter].detach().cpu().numpy().tobytes())
+    return {"masks": masks.hexdigest(), "values": values.hexdigest()}
