@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
@@ -120,6 +120,15 @@ def train_mist(model: nn.Module, dataloader: Iterable, *, head: nn.Module | None
     """
     config = config or MISTTrainingConfig()
     accelerator = accelerator or default_accelerator()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "train_mist does not shard MIST with FSDP: the trainable state is a few percent of the weights, so "
+            "sharding it saves little, and a MIST checkpoint needs a gathered full state dict. Launch with DDP "
+            "instead (`accelerate launch --multi_gpu ...`, or set `distributed_type: MULTI_GPU` in your "
+            "accelerate config). For FSDP with your own loop: set `fsdp_use_orig_params: true`, and save with "
+            "torch.distributed.checkpoint's get_model_state_dict(full_state_dict=True) passed to "
+            "`save_pretrained(state_dict=...)` (see PEFT_NOTES §6)."
+        )
     adapter = active_adapter(model)
     objective = build_objective(model, config, head, views).to(accelerator.device)
     model.to(accelerator.device)

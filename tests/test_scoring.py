@@ -1,0 +1,99 @@
+"""MI-Fisher selection: shares, difference from magnitude, stability, cache, exclusion."""
+
+import pytest
+import torch
+from conftest import tiny_bert
+from peft import get_peft_model
+
+from mist_peft import MISTConfig
+from mist_peft.encoders import FeatureEncoder
+from mist_peft.objectives import MIObjective
+from mist_peft.scoring import adapter_layers, select_mi_fisher
+from mist_peft.selection import count_for
+
+
+def batches(n=4, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(1, 120, (batch, 12), generator=g),
+             "attention_mask": torch.ones(batch, 12, dtype=torch.long),
+             "labels": torch.randint(0, 3, (batch,), generator=g)} for _ in range(n)]
+
+
+def scored(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query", "value", "dense"], **kw))
+    torch.manual_seed(seed)
+    objective = MIObjective(FeatureEncoder(model))
+    torch.manual_seed(seed)
+    chosen = select_mi_fisher(model, objective, batches())
+    return model, chosen
+
+
+def test_per_tensor_share_equals_density():
+    model, chosen = scored(density=0.1)
+    for name, layer in adapter_layers(model, "default").items():
+        numel = layer.get_base_layer().weight.numel()
+        assert layer.mist_values["default"].numel() == count_for(numel, 0.1) == chosen[name].numel()
+    assert model.get_nb_trainable_parameters()[0] > 0
+    assert all(not m.get_base_layer().weight.requires_grad and m.get_base_layer().weight.grad is None
+               for m in adapter_layers(model, "default").values())
+
+
+def test_global_share_equals_density():
+    model, chosen = scored(density=0.1, granularity="global")
+    total = sum(m.get_base_layer().weight.numel() for m in adapter_layers(model, "default").values())
+    assert sum(c.numel() for c in chosen.values()) == round(0.1 * total)
+
+
+def test_differs_from_magnitude_and_is_stable_for_a_fixed_seed_and_data():
+    model_a, chosen_a = scored(seed=0)
+    _, chosen_b = scored(seed=0)
+    assert all(torch.equal(chosen_a[n], chosen_b[n]) for n in chosen_a)
+    magnitude = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query", "value", "dense"],
+                                                       selection="magnitude"))
+    mag = {n: m.mist_indices["default"] for n, m in adapter_layers(magnitude, "default").items()}
+    overlap = sum(int(torch.isin(chosen_a[n], mag[n]).sum()) for n in chosen_a)
+    assert overlap / sum(c.numel() for c in chosen_a.values()) < 0.5
+
+
+def test_cache_file_is_reused(tmp_path):
+    cache = tmp_path / "scores.pt"
+    model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query"]))
+    objective = MIObjective(FeatureEncoder(model))
+    torch.manual_seed(0)
+    first = select_mi_fisher(model, objective, batches(), cache_file=cache)
+    assert cache.exists()
+
+    class Exploding:
+        def __iter__(self):
+            raise AssertionError("the cached scores should have been used")
+
+    second = select_mi_fisher(model, objective, Exploding(), cache_file=cache)
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    other = get_peft_model(tiny_bert(), MISTConfig(target_modules=["value"]))
+    with pytest.raises(ValueError, match="other weights"):
+        select_mi_fisher(other, MIObjective(FeatureEncoder(other)), Exploding(), cache_file=cache)
+
+
+def test_excluded_entries_are_never_selected():
+    model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query"], density=0.2))
+    objective = MIObjective(FeatureEncoder(model))
+    torch.manual_seed(0)
+    free = select_mi_fisher(model, objective, batches())
+    exclude = {}
+    for name, idx in free.items():
+        mask = torch.zeros(model.get_submodule("base_model.model." + name).get_base_layer().weight.shape,
+                           dtype=torch.bool)
+        mask.view(-1)[idx[: idx.numel() // 2]] = True
+        exclude[name] = mask
+    torch.manual_seed(0)
+    again = select_mi_fisher(model, objective, batches(), exclude=exclude)
+    for name, idx in again.items():
+        assert not exclude[name].view(-1)[idx].any()
+        assert idx.numel() == free[name].numel()
+
+
+def test_empty_dataloader_is_an_error():
+    model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query"]))
+    with pytest.raises(ValueError, match="no batch"):
+        select_mi_fisher(model, MIObjective(FeatureEncoder(model)), [])
