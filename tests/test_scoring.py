@@ -97,3 +97,27 @@ def test_empty_dataloader_is_an_error():
     model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query"]))
     with pytest.raises(ValueError, match="no batch"):
         select_mi_fisher(model, MIObjective(FeatureEncoder(model)), [])
+
+
+def test_cross_task_frozen_set_and_overlap_decay():
+    from mist_peft.scoring import CrossTaskState
+
+    state = CrossTaskState(frozen_quantile=0.99, overlap_decay=0.9)
+    model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query"], density=0.2))
+    objective = MIObjective(FeatureEncoder(model))
+    torch.manual_seed(0)
+    first = select_mi_fisher(model, objective, batches(), cross_task=state)
+    layers = adapter_layers(model, "default")
+    assert all("default" not in m.mist_grad_scale for m in layers.values())  # no earlier task yet
+    for name, frozen in state.frozen.items():
+        assert int(frozen.sum()) == round(0.01 * frozen.numel())
+        assert frozen.view(-1)[first[name]].sum() == frozen.sum()  # the top scores were selected
+    frozen_after_first = {n: f.clone() for n, f in state.frozen.items()}
+    torch.manual_seed(0)
+    second = select_mi_fisher(model, objective, batches(seed=1), cross_task=state)
+    for name, idx in second.items():
+        assert not frozen_after_first[name].view(-1)[idx].any()
+        previous = torch.isin(idx, first[name])
+        scale = layers[name].mist_grad_scale["default"]
+        assert torch.allclose(scale[previous], torch.tensor(0.9)) and torch.all(scale[~previous] == 1.0)
+        assert previous.any() and (~previous).any()

@@ -31,7 +31,8 @@ class MISTLayer(BaseTunerLayer):
     """Mixin with the per-adapter state shared by every MIST layer type."""
 
     adapter_layer_names = ("mist_values",)
-    other_param_names = ("mist_indices", "mist_grad_drop", "mist_rescale", "mist_seed", "mist_kept", "mist_backup")
+    other_param_names = ("mist_indices", "mist_grad_drop", "mist_rescale", "mist_seed", "mist_kept", "mist_backup",
+                         "mist_grad_scale")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -42,6 +43,7 @@ class MISTLayer(BaseTunerLayer):
         self.mist_seed: dict[str, int] = {}
         self.mist_kept: dict[str, tuple[int, torch.Tensor | None]] = {}  # (step, kept positions or None=all)
         self.mist_backup: dict[str, torch.Tensor] = {}  # base values at the indices, saved by merge()
+        self.mist_grad_scale: dict[str, torch.Tensor] = {}  # optional per-entry gradient factor (overlap decay)
         self.mist_step = 0  # optimizer steps taken; advanced by `attach_optimizer`
         self.mist_key = 0  # stable per-layer id (crc32 of the module path), the same on every process
         self._disable_adapters = False
@@ -88,6 +90,7 @@ class MISTLayer(BaseTunerLayer):
             new.detach().to(device=weight.device, dtype=old.dtype), requires_grad=old.requires_grad
         )
         self.mist_kept.pop(adapter_name, None)
+        self.mist_grad_scale.pop(adapter_name, None)
 
     def _active_with_entries(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.mist_values and self.mist_values[a].numel() > 0]
@@ -133,6 +136,8 @@ class MISTLayer(BaseTunerLayer):
             kept = self.kept_positions(a) if grad_on and self.mist_values[a].requires_grad else None
             drop = self.mist_grad_drop[a]
             scale = 1.0 / (1.0 - drop) if self.mist_rescale[a] and drop > 0 else 1.0
+            if a in self.mist_grad_scale:
+                scale = self.mist_grad_scale[a] * scale
             out.append((self.mist_indices[a], kept, scale))
         return out
 
@@ -196,17 +201,22 @@ class _KeepGrad(torch.autograd.Function):
     """Identity forward; backward keeps the gradient only at the kept positions (times `scale`)."""
 
     @staticmethod
-    def forward(ctx, values: torch.Tensor, kept: torch.Tensor | None, scale: float) -> torch.Tensor:
+    def forward(ctx, values: torch.Tensor, kept: torch.Tensor | None, scale) -> torch.Tensor:
         ctx.kept, ctx.scale = kept, scale
         return values.view_as(values)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if ctx.kept is None:
-            return grad * ctx.scale if ctx.scale != 1.0 else grad, None, None
+            return grad * ctx.scale, None, None
         out = torch.zeros_like(grad)
-        out[ctx.kept] = grad[ctx.kept] * ctx.scale
+        out[ctx.kept] = grad[ctx.kept] * _at(ctx.scale, ctx.kept)
         return out, None, None
+
+
+def _at(scale, positions: torch.Tensor):
+    """A float scale, or a per-entry scale tensor read at `positions`."""
+    return scale[positions] if torch.is_tensor(scale) else scale
 
 
 class _SparseDeltaLinear(torch.autograd.Function):
@@ -264,7 +274,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
                 rows, cols = (flat % out_features, flat // out_features) if fan else (
                     flat // in_features, flat % in_features)
                 dots = _gather_dot(gy2, x2, rows, cols)
-            g[positions] = dots.to(v.dtype) * scale
+            g[positions] = dots.to(v.dtype) * _at(scale, positions)
             grad_values.append(g)
         return (grad_x, grad_w, grad_b, None, None, *grad_values)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -88,15 +89,52 @@ def mi_fisher_scores(objective: MIObjective, dataloader: Iterable, layers: Mappi
     return {name: s.div_(float(count)) for name, s in scores.items()}
 
 
+@dataclass
+class CrossTaskState:
+    """The reference's two cross-task mechanisms (MIST_SPEC §3.7), both off by default.
+
+    - `frozen_quantile`: after each task, entries scoring at or above this per-tensor quantile (e.g. 0.9995,
+      the reference's RanPAC file) are frozen: later tasks never select them.
+    - `overlap_decay`: a selected entry's gradient is multiplied by decay**C, C = earlier tasks that
+      selected it (reference: 0.9).
+    Costs one bool (frozen) and one uint8 (counts) per targeted weight, only when switched on.
+    """
+
+    frozen_quantile: float | None = None
+    overlap_decay: float | None = None
+    frozen: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def update(self, scores: Mapping[str, torch.Tensor], chosen: Mapping[str, torch.Tensor]) -> None:
+        for name, s in scores.items():
+            if self.frozen_quantile is not None:
+                flat = s.reshape(-1).float()
+                k = max(1, int(round((1 - self.frozen_quantile) * flat.numel())))
+                top = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+                top[torch.topk(flat, k).indices] = True
+                top = top.view(s.shape)
+                self.frozen[name] = self.frozen.get(name, torch.zeros_like(top)) | top
+            if self.overlap_decay is not None:
+                counts = self.counts.setdefault(name, torch.zeros(s.shape, dtype=torch.uint8, device=s.device))
+                flat_counts = counts.view(-1)
+                flat_counts[chosen[name]] = (flat_counts[chosen[name]] + 1).clamp_max(255)
+
+    def grad_scale(self, name: str, indices: torch.Tensor) -> torch.Tensor | None:
+        if self.overlap_decay is None or name not in self.counts:
+            return None
+        return self.overlap_decay ** self.counts[name].view(-1)[indices.to(self.counts[name].device)].float()
+
+
 def select_mi_fisher(model: nn.Module, objective: MIObjective, dataloader: Iterable, *,
                      adapter_name: str | None = None, accelerator=None, max_batches: int | None = None,
                      cache_file: str | os.PathLike | None = None,
-                     exclude: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                     exclude: Mapping[str, torch.Tensor] | None = None,
+                     cross_task: CrossTaskState | None = None) -> dict[str, torch.Tensor]:
     """Score, pick the top `density` (per tensor or global, from the adapter's config) and install it.
 
-    `exclude` maps weight names to boolean masks of entries that may not be selected (the cross-task frozen
-    set, MIST_SPEC §3.7). `cache_file` stores the scores; a later call with the same layers reuses them.
-    Returns the installed indices by weight name.
+    `exclude` maps weight names to boolean masks of entries that may not be selected. `cross_task` applies
+    and then updates the frozen set and overlap decay of earlier tasks. `cache_file` stores the scores; a
+    later call with the same layers reuses them. Returns the installed indices by weight name.
     """
     adapter_name = adapter_name or active_adapter(model)
     config = model.peft_config[adapter_name]
@@ -112,12 +150,21 @@ def select_mi_fisher(model: nn.Module, objective: MIObjective, dataloader: Itera
             tmp = f"{cache_file}.tmp"
             torch.save({"shapes": shapes, "scores": {k: v.cpu() for k, v in scores.items()}}, tmp)
             os.replace(tmp, cache_file)
-    for name, mask in (exclude or {}).items():
-        scores[name] = scores[name].masked_fill(mask.to(scores[name].device), -1.0)  # negative: never chosen
-    chosen = top_entries(scores, config.density, config.granularity)
-    del scores
+    masks = dict(exclude or {})
+    for name, frozen in (cross_task.frozen.items() if cross_task else ()):
+        masks[name] = frozen | masks[name].to(frozen.device) if name in masks else frozen
+    ranked = {name: s.masked_fill(masks[name].to(s.device), -1.0) if name in masks else s  # negative: never
+              for name, s in scores.items()}
+    chosen = top_entries(ranked, config.density, config.granularity)
+    del ranked
     prefix = {weight_name(n): n for n, m in model.named_modules() if isinstance(m, MISTLayer)}
     install_selection(model, adapter_name, {prefix[name]: idx for name, idx in chosen.items()})
+    if cross_task is not None:
+        for name, layer in layers.items():
+            scale = cross_task.grad_scale(name, chosen[name])
+            if scale is not None:
+                layer.mist_grad_scale[adapter_name] = scale.to(layer.mist_values[adapter_name].device)
+        cross_task.update(scores, chosen)
     return chosen
 
 
