@@ -23,7 +23,7 @@ def check_results(out, hosts, methods, num_tasks):
         assert [len(row) for row in r["acc_matrix"]] == list(range(1, num_tasks + 1))
         assert all(0.0 <= a <= 100.0 for row in r["acc_matrix"] for a in row)
         assert r["last_acc"] == pytest.approx(
-            sum(a * n for a, n in zip(r["acc_matrix"][-1], results["config"]["task_test_rows"])) /
+            sum(a * n for a, n in zip(r["acc_matrix"][-1], results["config"]["task_test_rows"], strict=True)) /
             sum(results["config"]["task_test_rows"]), abs=1e-6)
     frozen = [r for n, r in results["methods"].items() if "+" not in n]
     adapted = [r for n, r in results["methods"].items() if "+mist" in n]

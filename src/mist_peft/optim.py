@@ -58,25 +58,24 @@ def attach_optimizer(optimizer, model: nn.Module) -> list:
                 if owner is None or p.numel() == 0:
                     continue
                 layer, name = owner
-                kept = layer.mist_kept.get(name)
                 if layer.mist_grad_drop[name] == 0 or p.grad is None:
                     continue  # every entry is kept, or the optimizer skips this tensor anyway
-                if kept is None or kept[0] != layer.mist_step:
-                    dropped = torch.arange(p.numel(), device=p.device)  # no forward drew a subset: nothing moves
-                else:
-                    keep = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                keep = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                kept = layer.mist_kept.get(name)
+                if kept is not None and kept[0] == layer.mist_step:  # else no forward drew a subset: none moves
                     keep[kept[1]] = True
-                    dropped = torch.nonzero(~keep).reshape(-1)
-                state = [(k, v[dropped].clone()) for k, v in opt.state.get(p, {}).items()
+                # Whole-tensor copies and one `where` are far cheaper than gathering ~90% of the entries.
+                state = [(k, v.clone()) for k, v in opt.state.get(p, {}).items()
                          if torch.is_tensor(v) and v.shape == p.shape]
-                saved.append((p, dropped, p.detach()[dropped].clone(), state))
+                saved.append((p, keep, p.detach().clone(), state))
 
     def after_step(opt, args, kwargs):
         with torch.no_grad():
-            for p, dropped, value, state in saved:
-                p[dropped] = value
+            for p, keep, value, state in saved:
+                p.copy_(torch.where(keep, p, value))
                 for key, old in state:
-                    opt.state[p][key][dropped] = old
+                    new = opt.state[p][key]
+                    new.copy_(torch.where(keep, new, old))
         saved.clear()
         for layer in layers:
             layer.mist_step += 1
