@@ -70,7 +70,7 @@ def _make_host(host: str, config: ContinualConfig):
     return SimpleCIL() if host == "simplecil" else RanPAC(projection_dim=config.projection_dim, seed=config.seed)
 
 
-def _adapt(backbone: nn.Module, method: str, loader: DataLoader, config: ContinualConfig, head: nn.Module | None,
+def adapt_backbone(backbone: nn.Module, method: str, loader: DataLoader, config: ContinualConfig, head: nn.Module | None,
            num_classes: int, accelerator) -> tuple[nn.Module, nn.Module]:
     """Tune the backbone on one task with the method's recipe; returns (plain backbone, head to keep)."""
     loss = "ce" if method == "mist-ce" else "mist"
@@ -130,7 +130,7 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
         if adapt_now:
             loader = DataLoader(task.train, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
                                 generator=g, drop_last=len(task.train) > config.batch_size)
-            backbone, head = _adapt(backbone, method, loader, config, head, num_classes, accelerator)
+            backbone, head = adapt_backbone(backbone, method, loader, config, head, num_classes, accelerator)
             backbone.eval()
             accelerator.free_memory()
             cached_test.clear()  # the backbone changed: old test features are stale
