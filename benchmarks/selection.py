@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "clinc150"))
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--train-per-class", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the sparse values and LoRA")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
@@ -53,7 +54,7 @@ def main() -> None:
             torch.manual_seed(seed)
             start = time.perf_counter()
             backbone = AutoModel.from_pretrained(path).eval()
-            config = ContinualConfig(steps_per_task=args.steps, score_batches=4, seed=seed)
+            config = ContinualConfig(steps_per_task=args.steps, score_batches=4, seed=seed, lr=args.lr)
             if method != "frozen":
                 loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=collate, drop_last=True,
                                     generator=torch.Generator().manual_seed(seed))

@@ -323,8 +323,8 @@ class Linear(nn.Module, MISTLayer):
         return "mist." + super().__repr__()
 
 
-class Conv2d(nn.Module, MISTLayer):
-    """MIST on `nn.Conv2d` (dense composition; convolutions are rarely the hot path in MIST's targets)."""
+class _DenselyComposed(nn.Module, MISTLayer):
+    """Layers that compose W + delta densely (autograd handles the values' gradient); subclasses apply W."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_key: str = "", **kwargs: Any):
         super().__init__()
@@ -337,30 +337,25 @@ class Conv2d(nn.Module, MISTLayer):
         if out is not None:
             return out
         base = self.get_base_layer()
-        weight = self._compose_weight(base.weight, self._active_with_entries())
+        return self._apply_weight(base, x, self._compose_weight(base.weight, self._active_with_entries()))
+
+    def _apply_weight(self, base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return "mist." + super().__repr__()
+
+
+class Conv2d(_DenselyComposed):
+    """MIST on `nn.Conv2d` (convolutions are rarely the hot path in MIST's targets)."""
+
+    def _apply_weight(self, base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return base._conv_forward(self._cast_input_dtype(x, weight.dtype), weight, base.bias)
 
-    def __repr__(self) -> str:
-        return "mist." + super().__repr__()
 
-
-class Embedding(nn.Module, MISTLayer):
+class Embedding(_DenselyComposed):
     """MIST on `nn.Embedding` (selected entries of the embedding table)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_key: str = "", **kwargs: Any):
-        super().__init__()
-        MISTLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, module_key=module_key)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self._base_only(x, *args, **kwargs)
-        if out is not None:
-            return out
-        base = self.get_base_layer()
-        weight = self._compose_weight(base.weight, self._active_with_entries())
+    def _apply_weight(self, base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
                            base.sparse)
-
-    def __repr__(self) -> str:
-        return "mist." + super().__repr__()

@@ -70,9 +70,6 @@ class MISTModel(BaseTuner):
 
             select_data_free(model, adapter_name, config)
 
-    def _check_new_adapter_config(self, config: MISTConfig) -> None:
-        super()._check_new_adapter_config(config)
-
     # ------------------------------------------------------------------- sparse checkpoint format
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

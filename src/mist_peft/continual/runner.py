@@ -47,7 +47,7 @@ class ContinualConfig:
     eval_batch_size: int = 128
     density: float = 0.05
     grad_drop: float = 0.9
-    lr: float = 1e-3
+    lr: float = 1e-4
     full_lr: float = 1e-5
     head_lr: float = 1e-2
     lora_rank: int = 4
