@@ -208,10 +208,10 @@ def test_get_delta_weight_and_safe_merge_rejects_nan():
     assert torch.equal(layer.get_base_layer().weight, snapshot[key])
 
 
-@pytest.mark.parametrize("sparse_share", [1.0, 0.0])
-def test_fused_linear_gradients_match_dense_autograd(sparse_share, monkeypatch):
-    """Both backward paths (gather-dot and dense-then-gather) give autograd's gradients at kept entries."""
-    monkeypatch.setattr(layer_mod, "SPARSE_GRAD_MAX_SHARE", sparse_share)
+@pytest.mark.parametrize("use_sddmm", [True, False])
+def test_fused_linear_gradients_match_dense_autograd(use_sddmm, monkeypatch):
+    """Both backward paths (SDDMM and dense-then-gather) give autograd's gradients at kept entries."""
+    monkeypatch.setattr(layer_mod, "USE_SDDMM", use_sddmm)
     for fan_in_fan_out in (False, True):
         torch.manual_seed(0)
         weight = torch.randn(6, 5) if not fan_in_fan_out else torch.randn(5, 6)
