@@ -658,7 +658,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
-    clean_args = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    # Paths are machine-specific: keep them out of the results that get committed.
+    clean_args = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("clinc_dir", "output_dir")}
     results: dict[str, Any] = {"env": env, "args": clean_args, "pairs": [], "adapter_size": {}, "inference": {},
                                "targets": TARGETS}
     jobs = [(k, m) for k in args.models for m in METHODS]
@@ -692,6 +693,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["checks"] = checks
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for pair in results["pairs"]:
+        pair.get("model_info", {}).pop("path", None)  # machine-specific
     (out_dir / "bench_tuner.json").write_text(json.dumps(results, indent=2, default=str))
     (out_dir / "bench_tuner.md").write_text(md + "\n")
     print(md)

@@ -83,7 +83,7 @@ def main() -> None:
         lines.append(f"| {method} | {pm:.2f} +- {ps:.2f} | {lm:.2f} +- {ls:.2f} | {sm:.0f} |")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "selection.json").write_text(json.dumps({"args": vars(args), "runs": rows, "summary": summary}, indent=2))
+    (out / "selection.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("data_dir", "output_dir")}, "runs": rows, "summary": summary}, indent=2))
     (out / "selection.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
