@@ -50,7 +50,8 @@ def test_text_clinc150_with_ablations(tmp_path, clinc_dir):
     out = tmp_path / "text"
     code = main(["continual", "--dataset", "clinc150", "--data-dir", str(clinc_dir), "--tasks", "2",
                  "--train-per-class", "3", "--test-per-class", "2", "--steps-per-task", "1", "--score-batches", "1",
-                 "--batch-size", "16", "--methods", "frozen,mist-ce,mist-nodrop", "--output-dir", str(out)])
+                 "--batch-size", "16", "--methods", "frozen,mist-ce,mist-nodrop", "--host", "simplecil",
+                 "--output-dir", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"simplecil", "simplecil+mist-ce", "simplecil+mist-nodrop"}

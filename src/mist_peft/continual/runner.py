@@ -83,14 +83,15 @@ def adapt_backbone(backbone: nn.Module, method: str, loader: DataLoader, config:
         result = train_mist(backbone, loader, head=head, config=train_config, accelerator=accelerator)
         backbone.requires_grad_(False)
         return backbone, result["head"]
+    names = [n for n, _ in backbone.named_modules()]
+    exclude = [m for m in config.exclude_modules if any(n == m or n.endswith("." + m) for n in names)] or None
     if method == "lora":
         model = get_peft_model(backbone, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
-                                                    target_modules="all-linear",
-                                                    exclude_modules=list(config.exclude_modules)))
+                                                    target_modules="all-linear", exclude_modules=exclude))
     else:
         selection = {"mist-random": "random", "mist-magnitude": "magnitude"}.get(method, "mi_fisher")
         model = get_peft_model(backbone, MISTConfig(
-            target_modules="all-linear", exclude_modules=list(config.exclude_modules), density=config.density,
+            target_modules="all-linear", exclude_modules=exclude, density=config.density,
             grad_drop=0.0 if method == "mist-nodrop" else config.grad_drop, selection=selection, seed=config.seed))
     result = train_mist(model, loader, head=head, config=train_config, accelerator=accelerator)
     return model.merge_and_unload(), result["head"]
