@@ -296,16 +296,26 @@ def _kept_weight_grad(gy2: torch.Tensor, x2: torch.Tensor, flat: torch.Tensor, s
     return (left.t() @ right).reshape(-1)[flat]
 
 
-class Linear(nn.Module, MISTLayer):
+class _MISTModule(nn.Module, MISTLayer):
+    """A module wrapping one base layer with its MIST adapters."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_key: str = "", **kwargs: Any):
+        super().__init__()
+        MISTLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_key=module_key)
+
+    def __repr__(self) -> str:
+        return "mist." + super().__repr__()
+
+
+class Linear(_MISTModule):
     """MIST on `nn.Linear` and on transformers' `Conv1D` (GPT-2 style, weight stored [in, out])."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, fan_in_fan_out: bool = False,
                  module_key: str = "", **kwargs: Any) -> None:
-        super().__init__()
-        MISTLayer.__init__(self, base_layer, **kwargs)
+        super().__init__(base_layer, adapter_name, config, module_key=module_key, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, module_key=module_key)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self._base_only(x, *args, **kwargs)
@@ -318,18 +328,9 @@ class Linear(nn.Module, MISTLayer):
         x = self._cast_input_dtype(x, base.weight.dtype)
         return _SparseDeltaLinear.apply(x, base.weight, base.bias, self.fan_in_fan_out, meta, *values)
 
-    def __repr__(self) -> str:
-        return "mist." + super().__repr__()
 
-
-class _DenselyComposed(nn.Module, MISTLayer):
+class _DenselyComposed(_MISTModule):
     """Layers that compose W + delta densely (autograd handles the values' gradient); subclasses apply W."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_key: str = "", **kwargs: Any):
-        super().__init__()
-        MISTLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, module_key=module_key)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self._base_only(x, *args, **kwargs)
@@ -340,9 +341,6 @@ class _DenselyComposed(nn.Module, MISTLayer):
 
     def _apply_weight(self, base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return "mist." + super().__repr__()
 
 
 class Conv2d(_DenselyComposed):
