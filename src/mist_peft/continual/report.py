@@ -28,20 +28,29 @@ def markdown_table(methods: dict[str, dict[str, Any]]) -> str:
 
 def plot_accuracy(methods: dict[str, dict[str, Any]], path: Path, title: str = "",
                   task_sizes: list[int] | None = None) -> None:
+    """One panel per host; the frozen host dashed black, each adaptation method its own colour in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, r in methods.items():
-        acc = stage_accuracies(r["acc_matrix"], task_sizes)
-        ax.plot(range(1, len(acc) + 1), acc, marker="o", label=name)
-    ax.set_xlabel("tasks learned")
-    ax.set_ylabel("accuracy on all seen classes (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    hosts = sorted({name.split("+")[0] for name in methods})
+    variants = sorted({name.partition("+")[2] for name in methods} - {""})
+    colours = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(variants)}
+    fig, axes = plt.subplots(1, len(hosts), figsize=(5.2 * len(hosts), 4.2), squeeze=False, sharey=True)
+    for ax, host in zip(axes[0], hosts, strict=True):
+        for name, r in methods.items():
+            base, _, variant = name.partition("+")
+            if base != host:
+                continue
+            acc = stage_accuracies(r["acc_matrix"], task_sizes)
+            style = {"color": "black", "linestyle": "--"} if not variant else {"color": colours[variant]}
+            ax.plot(range(1, len(acc) + 1), acc, marker="o", markersize=3, label=name, **style)
+        ax.set_title(f"{title}: {host}" if title else host, fontsize=9)
+        ax.set_xlabel("tasks learned")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("accuracy on all seen classes (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
