@@ -9,14 +9,14 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard
 
 from ._peft_compat import is_mist_config
-from .layer import MISTLayer
+from .selection import mist_layers
 
 CARD_HEADING = "## MIST adapter"
 
 
 def adapter_stats(model: Any, adapter_name: str) -> dict[str, Any]:
     """Counts that describe what an adapter changes in the base model."""
-    layers = [m for m in model.modules() if isinstance(m, MISTLayer) and adapter_name in m.mist_values]
+    layers = list(mist_layers(model, adapter_name).values())
     targeted = sum(m.get_base_layer().weight.numel() for m in layers)
     selected = sum(m.mist_values[adapter_name].numel() for m in layers)
     changed = sum(int((m.mist_values[adapter_name] != 0).sum()) for m in layers)

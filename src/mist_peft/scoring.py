@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .layer import MISTLayer
 from .objectives import MIObjective
-from .selection import install_selection, top_entries
+from .selection import install_selection, mist_layers, top_entries
 
 PEFT_PREFIX = "base_model.model."
 
@@ -30,8 +30,7 @@ def weight_name(module_name: str) -> str:
 
 
 def adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, MISTLayer]:
-    return {weight_name(n): m for n, m in model.named_modules()
-            if isinstance(m, MISTLayer) and adapter_name in m.mist_values}
+    return {weight_name(n): m for n, m in mist_layers(model, adapter_name).items()}
 
 
 def active_adapter(model: nn.Module) -> str:
@@ -157,7 +156,7 @@ def select_mi_fisher(model: nn.Module, objective: MIObjective, dataloader: Itera
               for name, s in scores.items()}
     chosen = top_entries(ranked, config.density, config.granularity)
     del ranked
-    prefix = {weight_name(n): n for n, m in model.named_modules() if isinstance(m, MISTLayer)}
+    prefix = {weight_name(n): n for n in mist_layers(model, adapter_name)}
     install_selection(model, adapter_name, {prefix[name]: idx for name, idx in chosen.items()})
     if cross_task is not None:
         for name, layer in layers.items():

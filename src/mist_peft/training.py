@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from .encoders import FeatureEncoder
-from .layer import MISTLayer
 from .objectives import MIObjective
 from .optim import attach_optimizer
 from .scoring import active_adapter, select_mi_fisher
+from .selection import mist_layers
 
 
 @dataclass
@@ -56,8 +56,7 @@ class MISTTrainingConfig:
 
 def needs_selection(model: nn.Module, adapter_name: str) -> bool:
     """True while the adapter still holds the empty placeholders of `selection="mi_fisher"`."""
-    return any(isinstance(m, MISTLayer) and adapter_name in m.mist_values and m.mist_values[adapter_name].numel() == 0
-               for m in model.modules())
+    return any(m.mist_values[adapter_name].numel() == 0 for m in mist_layers(model, adapter_name).values())
 
 
 def kept_digest(model: nn.Module, adapter_name: str) -> str:
@@ -65,8 +64,8 @@ def kept_digest(model: nn.Module, adapter_name: str) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for m in model.modules():
-        if isinstance(m, MISTLayer) and adapter_name in m.mist_kept and m.mist_kept[adapter_name][1] is not None:
+    for m in mist_layers(model, adapter_name).values():
+        if adapter_name in m.mist_kept and m.mist_kept[adapter_name][1] is not None:
             h.update(m.mist_kept[adapter_name][1].cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -74,12 +73,11 @@ def kept_digest(model: nn.Module, adapter_name: str) -> str:
 def kept_share(model: nn.Module, adapter_name: str) -> float:
     """Share of the selected entries that received a gradient in the current step."""
     kept = total = 0
-    for m in model.modules():
-        if isinstance(m, MISTLayer) and adapter_name in m.mist_values:
-            n = m.mist_values[adapter_name].numel()
-            positions = m.mist_kept.get(adapter_name)
-            kept += n if positions is None or positions[1] is None else positions[1].numel()
-            total += n
+    for m in mist_layers(model, adapter_name).values():
+        n = m.mist_values[adapter_name].numel()
+        positions = m.mist_kept.get(adapter_name)
+        kept += n if positions is None or positions[1] is None else positions[1].numel()
+        total += n
     return kept / max(1, total)
 
 
@@ -253,7 +251,7 @@ def state_fingerprint(model: nn.Module) -> dict[str, str]:
     import hashlib
 
     masks, values = hashlib.sha256(), hashlib.sha256()
-    for name, m in sorted((n, m) for n, m in model.named_modules() if isinstance(m, MISTLayer)):
+    for name, m in sorted(mist_layers(model).items()):
         for adapter in sorted(m.mist_values):
             masks.update(f"{name}.{adapter}".encode() + m.mist_indices[adapter].cpu().numpy().tobytes())
             values.update(m.mist_values[adapter].detach().cpu().numpy().tobytes())
