@@ -29,7 +29,6 @@ import os
 import shutil
 import tempfile
 
-import peft
 from peft import PeftConfig, PeftModel, inject_adapter_in_model, load_peft_weights, set_peft_model_state_dict
 from peft.tuners._buffer_dict import BufferDict  # noqa: F401  (re-exported for layer.py)
 from peft.utils import PeftType, register_peft_method
@@ -169,6 +168,3 @@ def install_peft_model_wrappers() -> None:
     PeftModel.push_to_hub = _push_to_hub
     PeftAdapterMixin.load_adapter = _load_adapter
 
-
-def peft_version() -> str:
-    return peft.__version__
