@@ -279,7 +279,7 @@ def test_interrupted_move_leaves_no_config(tmp_path, monkeypatch):
 @pytest.mark.parametrize("field,value,hint", [
     ("density", 0.0, "0 < density <= 1"), ("density", 2, "0 < density <= 1"),
     ("grad_drop", 1.0, "0 <= grad_drop < 1"), ("grad_drop", -0.1, "0 <= grad_drop < 1"),
-    ("granularity", "layer", "per_tensor"), ("selection", "fisher", "mi_fisher"),
+    ("granularity", "layer", "per_tensor"), ("selection", "fishr", "mi_fisher"),
     ("rescale_kept_grads", "yes", "True or False"), ("seed", 1.5, "integer"),
 ])
 def test_config_validation_names_field_value_and_range(field, value, hint):

@@ -256,13 +256,18 @@ def test_unsupported_module_type_names_the_module_and_the_fix():
         get_peft_model(tiny_bert(), MISTConfig(target_modules=["LayerNorm"], selection="magnitude"))
 
 
-def test_mi_fisher_leaves_empty_placeholders_that_keep_the_base_output():
+def test_mi_fisher_adapter_starts_unselected_at_its_final_size_and_keeps_the_base_output():
     base = tiny_bert()
     inputs = tiny_inputs("bert")
     with torch.no_grad():
         reference = model_output(base, inputs)
     model = get_peft_model(base, MISTConfig(target_modules=["query"]))
-    assert all(m.mist_values["default"].numel() == 0 for m in mist_layers(model).values())
-    assert model.get_nb_trainable_parameters()[0] == 0
+    layers = mist_layers(model).values()
+    assert all(not m.mist_selected["default"] and m.mist_indices["default"].numel() == 0 for m in layers)
+    expected = sum(count_for(m.get_base_layer().weight.numel(), 0.05) for m in layers)
+    assert model.get_nb_trainable_parameters()[0] == expected  # an optimizer can be built now
     with torch.no_grad():
         assert torch.equal(model_output(model, inputs), reference)
+    model.train()
+    with pytest.raises(layer_mod.MISTSelectionError, match="train_mist.*selection='fisher'.*magnitude"):
+        model_output(model, inputs)

@@ -7,12 +7,13 @@ Importing this package registers the PEFT type "MIST" (prefix `mist_`), so `get_
 from ._peft_compat import MistPeftType, install_peft_model_wrappers, register
 from .config import MISTConfig
 from .layer import MISTLayer
-from .model import MISTModel
+from .model import MISTModel, install_loading_guards
 from .optim import attach_optimizer
 from .selection import install_selection, mist_layers, top_entries
 
 register(MISTConfig, MISTModel)
 install_peft_model_wrappers()
+install_loading_guards()
 
 __version__ = "0.1.0"
 __all__ = [

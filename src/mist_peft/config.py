@@ -9,7 +9,7 @@ from peft.config import PeftConfig
 
 from ._peft_compat import MistPeftType
 
-SELECTIONS = ("magnitude", "random", "mi_fisher")
+SELECTIONS = ("magnitude", "random", "mi_fisher", "fisher")
 GRANULARITIES = ("per_tensor", "global")
 
 
@@ -19,8 +19,10 @@ class MISTConfig(PeftConfig):
 
     Defaults follow the "Decisions" table of the MIST specification: 5% of each targeted weight
     (`density=0.05`, per tensor), 90% gradient dropout without rescaling, selection by the MI-Fisher score.
-    The data-free selections (`"magnitude"`, `"random"`) pick the entries inside `get_peft_model`; with
-    `"mi_fisher"` the adapter starts with empty placeholders that `mist_peft.select_mi_fisher` fills from data.
+    The data-free selections (`"magnitude"`, `"random"`) pick the entries inside `get_peft_model` (never while
+    loading a checkpoint); `"mi_fisher"` entries are chosen by MIST's scoring pass (`train_mist`, `MISTTrainer`,
+    `select_mi_fisher`); `"fisher"` entries are chosen inside any training loop after its first `score_steps`
+    optimizer steps, from the squared gradients of the loop's own loss.
     """
 
     target_modules: list[str] | str | None = field(
@@ -43,10 +45,16 @@ class MISTConfig(PeftConfig):
         metadata={"help": "'per_tensor': top-density of every weight (reference); 'global': one top-k over all "
                   "targeted weights together."},
     )
-    selection: Literal["magnitude", "random", "mi_fisher"] = field(
+    selection: Literal["magnitude", "random", "mi_fisher", "fisher"] = field(
         default="mi_fisher",
-        metadata={"help": "How entries are chosen: 'mi_fisher' (MIST; needs a scoring pass on data), "
-                  "'magnitude' (largest |W|) or 'random' (seeded)."},
+        metadata={"help": "How entries are chosen: 'mi_fisher' (MIST; needs MIST's scoring pass on data), "
+                  "'fisher' (squared gradients of your own loss during the first `score_steps` optimizer steps "
+                  "of any training loop), 'magnitude' (largest |W|) or 'random' (seeded)."},
+    )
+    score_steps: int = field(
+        default=8,
+        metadata={"help": "selection='fisher': optimizer steps whose squared gradients score the entries before "
+                  "tuning starts (the values do not move during them)."},
     )
     grad_drop: float = field(
         default=0.9,
@@ -94,6 +102,15 @@ class MISTConfig(PeftConfig):
             raise bad("grad_drop", self.grad_drop, "it must be a number with 0 <= grad_drop < 1 (e.g. 0.9)")
         if not isinstance(self.rescale_kept_grads, bool):
             raise bad("rescale_kept_grads", self.rescale_kept_grads, "it must be True or False")
+        if isinstance(self.score_steps, bool) or not isinstance(self.score_steps, int) or self.score_steps < 1:
+            raise bad("score_steps", self.score_steps, "it must be an integer >= 1")
+        if self.selection == "fisher" and self.granularity == "global":
+            raise bad(
+                "granularity", self.granularity,
+                "selection='fisher' runs inside your training loop, whose optimizer exists before the entries are "
+                "chosen, and a global top-k sizes each layer's values only then; use granularity='per_tensor', or "
+                "selection='mi_fisher' through train_mist / MISTTrainer",
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise bad("seed", self.seed, "it must be an integer")
         if self.layers_pattern and self.layers_to_transform is None:

@@ -2,14 +2,27 @@
 
 The base weight stays frozen and untouched. An adapter holds a 1-D trainable `mist_values[name]` and the
 sorted int64 flat indices `mist_indices[name]` (in the base weight's own memory layout, so Conv1D's
-transposed storage needs no special case when merging). Gradient dropout is drawn per optimizer step
-(see `optim.py`); for Linear and Conv1D a fused autograd function computes the values' gradient only at
-the entries kept in that step (a sampled matmul), so no dense weight gradient is built.
+transposed storage needs no special case when merging).
+
+Life of an adapter on a layer:
+- created *unselected*: per-tensor adapters get their values at the final size (`round(density * numel)`)
+  at once, so an optimizer may be built before the entries are chosen; selection only fills the indices and
+  never replaces the parameter (global granularity cannot know its sizes before selection);
+- *selected* by data-free top-k (at injection), MI-Fisher (`scoring.py`), the `"fisher"` warm-up of the
+  user's own loop (here), or a checkpoint;
+- tuned with gradient dropout drawn per optimizer step (`optim.py`). For Linear and Conv1D a fused autograd
+  function computes the values' gradient only at the entries kept in that step (a sampled matmul).
+
+Precision: the effective entries are `(W[i] + v_i)` computed in the values' precision (fp32) and rounded
+once to the weight's dtype, in the forward pass and in `merge()` alike, so merged and unmerged outputs are
+bit-identical. With a bf16/fp16 base, a delta below half an ulp of its weight changes nothing yet, exactly
+as with fp32 master weights in mixed-precision training: it keeps accumulating in the fp32 values.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 import zlib
 from typing import Any
 
@@ -26,13 +39,42 @@ from .sparse_io import check_strictly_increasing
 # kept share up to 5%, where a gather-and-dot costs three times more. False forces the dense fallback.
 USE_SDDMM = True
 
+# Every live MIST layer, so the global optimizer hooks (`optim.py`) find the value tensors of any optimizer.
+LIVE_LAYERS: weakref.WeakSet = weakref.WeakSet()
+# Attribute set on a values tensor replaced by a re-sized one: an optimizer still holding it trains nothing.
+RETIRED = "_mist_retired"
+
+_SEED_MOD = 2**63
+
+
+def count_for(numel: int, density: float) -> int:
+    """Entries kept out of `numel` at `density` (rounded, at least one)."""
+    return min(numel, max(1, round(density * numel)))
+
+
+def dropout_seed(seed: int, layer_key: int, step: int) -> int:
+    """Seed of one layer's dropout draw in one step: any integer seed works (no overflow in manual_seed)."""
+    return ((seed * 1_000_003 + layer_key) * 7_919 + step) % _SEED_MOD
+
+
+def effective_entries(base_entries: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """W[i] + v_i in the values' precision, rounded once to the weight's dtype (forward and merge alike)."""
+    if base_entries.dtype == values.dtype:
+        return base_entries + values
+    return (base_entries.to(values.dtype) + values).to(base_entries.dtype)
+
+
+class MISTSelectionError(RuntimeError):
+    """Training started on an adapter whose entries were never selected."""
+
 
 class MISTLayer(BaseTunerLayer):
     """Mixin with the per-adapter state shared by every MIST layer type."""
 
     adapter_layer_names = ("mist_values",)
     other_param_names = ("mist_indices", "mist_grad_drop", "mist_rescale", "mist_seed", "mist_kept", "mist_backup",
-                         "mist_grad_scale")
+                         "mist_grad_scale", "mist_config", "mist_selected", "mist_scores", "mist_scored_steps",
+                         "mist_select_all")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -44,24 +86,38 @@ class MISTLayer(BaseTunerLayer):
         self.mist_kept: dict[str, tuple[int, torch.Tensor | None]] = {}  # (step, kept positions or None=all)
         self.mist_backup: dict[str, torch.Tensor] = {}  # base values at the indices, saved by merge()
         self.mist_grad_scale: dict[str, torch.Tensor] = {}  # optional per-entry gradient factor (overlap decay)
-        self.mist_step = 0  # optimizer steps taken; advanced by `attach_optimizer`
+        self.mist_config: dict[str, Any] = {}  # the adapter's MISTConfig (selection, density, score_steps)
+        self.mist_selected: dict[str, bool] = {}  # explicit record: entries chosen (never inferred from sizes)
+        self.mist_scores: dict[str, torch.Tensor] = {}  # "fisher" warm-up: accumulated squared gradients
+        self.mist_scored_steps: dict[str, int] = {}  # "fisher" warm-up: optimizer steps seen so far
+        self.mist_select_all: dict[str, Any] = {}  # data-free selection of the whole adapter (set by MISTModel)
+        self.mist_step = 0  # optimizer steps taken; advanced by the optimizer step hooks of `optim.py`
         self.mist_key = 0  # stable per-layer id (crc32 of the module path), the same on every process
+        self.mist_name = ""  # module path, seeds the random selection
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
         self._forwards_at_step = 0
+        base = self.get_base_layer()
+        self.in_features, self.out_features = _in_out_features(base)
+        LIVE_LAYERS.add(self)
 
     # ----------------------------------------------------------------------------------------- state
     def update_layer(self, adapter_name: str, config, module_key: str = "") -> None:
-        """Create an empty placeholder adapter; `set_indices` fills it (selection happens after injection)."""
+        """Create the adapter unselected: values at their final per-tensor size (zeros), no indices yet."""
         weight = self.get_base_layer().weight
         if module_key:
             self.mist_key = zlib.crc32(module_key.encode())
+            self.mist_name = module_key
         self.mist_grad_drop[adapter_name] = float(config.grad_drop)
         self.mist_rescale[adapter_name] = bool(config.rescale_kept_grads)
         self.mist_seed[adapter_name] = int(config.seed)
+        self.mist_config[adapter_name] = config
+        self.mist_selected[adapter_name] = False
+        size = count_for(weight.numel(), config.density) if config.granularity == "per_tensor" else 0
         self.mist_indices[adapter_name] = torch.zeros(0, dtype=torch.int64, device=weight.device)
-        self.mist_values[adapter_name] = nn.Parameter(torch.zeros(0, dtype=self._values_dtype(), device=weight.device))
+        self.mist_values[adapter_name] = nn.Parameter(torch.zeros(size, dtype=self._values_dtype(),
+                                                                  device=weight.device))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -69,8 +125,18 @@ class MISTLayer(BaseTunerLayer):
         dtype = self.get_base_layer().weight.dtype
         return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """PEFT's activation, except that an adapter with no entries here holds no trainable parameter
+        (an empty trainable tensor never gets a gradient and breaks DDP's reduction)."""
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        for values in self.mist_values.values():
+            if values.numel() == 0:
+                values.requires_grad_(False)
+
     def set_indices(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
-        """Install the selected flat indices (and optionally their values; zeros otherwise) for an adapter."""
+        """Install the selected flat indices (and optionally their values; zeros otherwise): the adapter is
+        then selected. The values parameter is filled in place when its size already fits, so an optimizer
+        built earlier keeps training it; otherwise it is replaced (and the old one marked retired)."""
         weight = self.get_base_layer().weight
         idx = indices.to(device=weight.device, dtype=torch.int64).reshape(-1)
         check_strictly_increasing(idx)
@@ -82,18 +148,54 @@ class MISTLayer(BaseTunerLayer):
         if adapter_name in self.merged_adapters:
             raise RuntimeError(f"adapter '{adapter_name}' is merged; call unmerge() before changing its entries")
         old = self.mist_values[adapter_name]
-        new = torch.zeros(idx.numel(), dtype=old.dtype, device=weight.device) if values is None else values
-        if new.shape != idx.shape:
-            raise ValueError(f"{new.numel()} values given for {idx.numel()} indices")
+        if values is not None and values.shape != idx.shape:
+            raise ValueError(f"{values.numel()} values given for {idx.numel()} indices")
         self.mist_indices[adapter_name] = idx
-        self.mist_values[adapter_name] = nn.Parameter(
-            new.detach().to(device=weight.device, dtype=old.dtype), requires_grad=old.requires_grad
-        )
+        # an empty placeholder (global granularity) was frozen; its replacement trains if the adapter does
+        was_placeholder = old.numel() == 0 and adapter_name in self.active_adapters
+        trainable = old.requires_grad or (was_placeholder and not self.mist_config[adapter_name].inference_mode)
+        if old.numel() == idx.numel() and not old.is_meta:
+            with torch.no_grad():
+                old.zero_() if values is None else old.copy_(values)
+        else:
+            dtype = old.dtype if values is None or not old.is_meta else values.dtype
+            new = torch.zeros(idx.numel(), dtype=dtype, device=weight.device) if values is None else values
+            self.mist_values[adapter_name] = nn.Parameter(new.detach().to(device=weight.device, dtype=dtype),
+                                                          requires_grad=trainable and idx.numel() > 0)
+            setattr(old, RETIRED, True)
+        self.mist_selected[adapter_name] = True
         self.mist_kept.pop(adapter_name, None)
         self.mist_grad_scale.pop(adapter_name, None)
+        self.mist_scores.pop(adapter_name, None)
+        self.mist_scored_steps.pop(adapter_name, None)
 
     def _active_with_entries(self) -> list[str]:
-        return [a for a in self.active_adapters if a in self.mist_values and self.mist_values[a].numel() > 0]
+        return [a for a in self.active_adapters if self.mist_selected.get(a) and self.mist_indices[a].numel() > 0]
+
+    def _training(self, adapter_name: str) -> bool:
+        return torch.is_grad_enabled() and self.mist_values[adapter_name].requires_grad
+
+    def _unselected_in_training(self) -> list[str]:
+        """Active adapters without entries yet, in a forward that trains them: select the data-free ones now,
+        refuse `mi_fisher` (its scoring never ran), return the `fisher` ones (their warm-up scores this step)."""
+        scoring = []
+        for a in self.active_adapters:
+            if a not in self.mist_selected or self.mist_selected[a] or not self._training(a):
+                continue
+            selection = self.mist_config[a].selection
+            if selection in ("magnitude", "random") and a in self.mist_select_all:
+                self.mist_select_all[a]()  # e.g. loaded from a checkpoint saved before selection
+            elif selection == "fisher":
+                scoring.append(a)
+            elif not self.get_base_layer().weight.requires_grad:  # an MI-Fisher scoring pass is not running
+                raise MISTSelectionError(
+                    f"MIST adapter '{a}' uses selection='mi_fisher', but its entries were never selected, so "
+                    "training would change nothing. Either (1) train with `mist_peft.training.train_mist` or "
+                    "`MISTTrainer`, or call `mist_peft.select_mi_fisher(...)` before training; (2) use "
+                    "`MISTConfig(selection='fisher')` to score with your own loss during the first optimizer steps "
+                    "of any training loop; or (3) use a data-free selection, `selection='magnitude'` or 'random'."
+                )
+        return scoring
 
     # ------------------------------------------------------------------------------ gradient dropout
     def kept_positions(self, adapter_name: str) -> torch.Tensor | None:
@@ -110,7 +212,7 @@ class MISTLayer(BaseTunerLayer):
             return cached[1]
         values = self.mist_values[adapter_name]
         gen = torch.Generator(device=values.device)
-        gen.manual_seed((self.mist_seed[adapter_name] * 1_000_003 + self.mist_key) * 7_919 + self.mist_step)
+        gen.manual_seed(dropout_seed(self.mist_seed[adapter_name], self.mist_key, self.mist_step))
         keep = torch.rand(values.numel(), generator=gen, device=values.device) >= drop
         kept = torch.nonzero(keep).reshape(-1)
         self.mist_kept[adapter_name] = (self.mist_step, kept)
@@ -120,20 +222,20 @@ class MISTLayer(BaseTunerLayer):
         self._forwards_at_step += 1
         if self._forwards_at_step == 64:
             warnings.warn(
-                "MIST: 64 training forwards without an optimizer step being registered, so the gradient-dropout "
-                "subset is not being redrawn. Call `mist_peft.attach_optimizer(optimizer, model)` once after "
-                "creating the optimizer (train_mist and MISTTrainer do this for you).",
+                "MIST: 64 training forwards without an optimizer step, so the gradient-dropout subset is not being "
+                "redrawn. MIST advances it in torch's optimizer step hooks: this is expected only with 64 or more "
+                "gradient-accumulation micro-batches. An optimizer whose step bypasses "
+                "`torch.optim.Optimizer.step` (e.g. DeepSpeed's) never fires them: use a torch optimizer.",
                 stacklevel=3,
             )
 
     def _grad_inputs(self, adapters: list[str]) -> list[tuple[torch.Tensor, torch.Tensor | None, float]]:
         """(indices, kept positions, gradient scale) per adapter for the current forward."""
-        grad_on = torch.is_grad_enabled()
-        if grad_on and any(self.mist_values[a].requires_grad for a in adapters):
+        if any(self._training(a) for a in adapters):
             self._note_training_forward()
         out = []
         for a in adapters:
-            kept = self.kept_positions(a) if grad_on and self.mist_values[a].requires_grad else None
+            kept = self.kept_positions(a) if self._training(a) else None
             drop = self.mist_grad_drop[a]
             scale = 1.0 / (1.0 - drop) if self.mist_rescale[a] and drop > 0 else 1.0
             if a in self.mist_grad_scale:
@@ -141,24 +243,58 @@ class MISTLayer(BaseTunerLayer):
             out.append((self.mist_indices[a], kept, scale))
         return out
 
+    # ------------------------------------------------------------------------------ "fisher" warm-up
+    def _score_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        """The weight, with a backward that folds its dense gradient, squared, into each adapter's scores."""
+        for a in adapters:
+            if a not in self.mist_scores:
+                self.mist_scores[a] = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                self.mist_scored_steps[a] = 0
+            weight = _FoldSquaredGrad.apply(weight, self.mist_values[a], self.mist_scores[a])
+        return weight
+
+    def finish_warmup(self, adapter_name: str) -> None:
+        """Called by the optimizer post-hook after each step of a "fisher" warm-up: after `score_steps`
+        steps, choose the top entries of the accumulated scores (summed over processes) and start tuning."""
+        if adapter_name not in self.mist_scores:
+            return
+        self.mist_scored_steps[adapter_name] += 1
+        config = self.mist_config[adapter_name]
+        if self.mist_scored_steps[adapter_name] < config.score_steps:
+            return
+        scores = self.mist_scores[adapter_name]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(scores)  # every process must select the same entries
+        chosen = torch.topk(scores.reshape(-1), count_for(scores.numel(), config.density), sorted=False).indices
+        self.set_indices(adapter_name, torch.sort(chosen).values)
+
     # ------------------------------------------------------------------------------ delta and merge
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense delta of one adapter, shaped like the base weight (for inspection and merging)."""
         weight = self.get_base_layer().weight
+        flat = weight.detach().reshape(-1)
         delta = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
-        values = self.mist_values[adapter_name].detach().to(weight.dtype)
-        return delta.index_add_(0, self.mist_indices[adapter_name], values).view_as(weight)
+        if not self.mist_selected.get(adapter_name):
+            return delta.view_as(weight)
+        idx = self.mist_indices[adapter_name]
+        base = flat[idx]
+        delta[idx] = effective_entries(base, self.mist_values[adapter_name].detach()) - base
+        return delta.view_as(weight)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the deltas into the base weight; the overwritten entries are kept so unmerge is bit-exact."""
+        """Write the effective entries into the base weight; the overwritten ones are kept so unmerge is
+        bit-exact."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.mist_values:
                 continue
+            if not self.mist_selected[name]:
+                self.merged_adapters.append(name)  # nothing selected: merging changes nothing
+                continue
             idx = self.mist_indices[name]
             flat = base.weight.data.view(-1)
-            merged = flat[idx] + self.mist_values[name].detach().to(flat.dtype)
+            merged = effective_entries(flat[idx], self.mist_values[name].detach())
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or infs detected in the merged weights; adapter '{name}' seems broken")
             self.mist_backup[name] = flat[idx].clone()
@@ -177,13 +313,13 @@ class MISTLayer(BaseTunerLayer):
                 flat[self.mist_indices[name]] = self.mist_backup.pop(name)
 
     def _compose_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
-        """W + deltas with an autograd path to the values (used by Conv2d and Embedding)."""
+        """W + deltas with an autograd path to the values (the reference path; Conv2d and Embedding use it)."""
         flat = weight.reshape(-1)
-        for (idx, kept, scale), name in zip(self._grad_inputs(adapters), adapters, strict=False):
+        for (idx, kept, scale), name in zip(self._grad_inputs(adapters), adapters, strict=True):
             values = self.mist_values[name]
-            if values.requires_grad:
+            if values.requires_grad and torch.is_grad_enabled():
                 values = _KeepGrad.apply(values, kept, scale)
-            flat = flat.index_add(0, idx, values.to(weight.dtype))
+            flat = flat.index_put((idx,), effective_entries(flat[idx], values))
         return flat.view_as(weight)
 
     def _base_only(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
@@ -192,9 +328,47 @@ class MISTLayer(BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged or not self._active_with_entries():
+        if self.merged:
             return self.base_layer(x, *args, **kwargs)
         return None
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's operation with `weight` in place of its own (the dense reference path)."""
+        raise NotImplementedError
+
+    def _dense_forward(self, x: torch.Tensor, adapters: list[str], scoring: list[str]) -> torch.Tensor:
+        weight = self._score_weight(self.get_base_layer().weight, scoring)
+        return self._apply_weight(x, self._compose_weight(weight, adapters))
+
+
+def _in_out_features(base: nn.Module) -> tuple[int | None, int | None]:
+    """in/out features as PEFT's own layers report them (Conv1D stores its weight as [in, out])."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if isinstance(base, nn.Conv2d):
+        return base.in_channels, base.out_channels
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
+    if hasattr(base, "nf"):  # transformers' Conv1D
+        return tuple(base.weight.shape)
+    return getattr(base, "in_features", None), getattr(base, "out_features", None)
+
+
+class _FoldSquaredGrad(torch.autograd.Function):
+    """Identity on the weight; backward adds grad^2 to `scores`. The values input only makes autograd call
+    it (the base weight is frozen); they get a zero gradient, so DDP sees every trainable tensor used."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        ctx.scores, ctx.values_shape = scores, values.shape
+        ctx.values_meta = (values.dtype, values.device)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.scores.add_(grad.detach().float().pow(2))
+        dtype, device = ctx.values_meta
+        return None, torch.zeros(ctx.values_shape, dtype=dtype, device=device), None
 
 
 class _KeepGrad(torch.autograd.Function):
@@ -219,24 +393,38 @@ def _at(scale, positions: torch.Tensor):
     return scale[positions] if torch.is_tensor(scale) else scale
 
 
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a plain nn.Linear would compute in: autocast's when autocast is on, else the weight's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and weight.dtype.is_floating_point:
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
 class _SparseDeltaLinear(torch.autograd.Function):
     """y = x @ (W + Σ scatter(v_a))^T + b, whose backward computes each v_a's gradient at kept entries only.
 
     W + delta is rebuilt in backward instead of saved, so the only extra activation is x (which LoRA keeps
     too). The dense gradient of W is computed only when W itself requires grad (the MI-Fisher scoring pass).
+    Under autocast everything is computed in autocast's dtype, as for a plain nn.Linear; the values'
+    gradient is returned in the values' own dtype.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, fan_in_fan_out: bool, meta: list, *values):
-        w = _compose(weight, meta, values)
-        if fan_in_fan_out:  # the same kernel as transformers' Conv1D, so zero deltas reproduce it exactly
-            x2 = x.reshape(-1, x.shape[-1])
-            y2 = torch.addmm(bias, x2, w) if bias is not None else x2 @ w
-            y = y2.view(*x.shape[:-1], w.shape[1])
-        else:
-            y = F.linear(x, w, bias)
-        ctx.fan_in_fan_out, ctx.meta = fan_in_fan_out, meta
-        ctx.save_for_backward(x, weight, bias, *values)
+        dtype = _compute_dtype(x, weight)
+        w = _compose(weight, meta, values).to(dtype)
+        xc = x.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            if fan_in_fan_out:  # the same kernel as transformers' Conv1D, so zero deltas reproduce it exactly
+                x2 = xc.reshape(-1, xc.shape[-1])
+                y2 = torch.addmm(b, x2, w) if b is not None else x2 @ w
+                y = y2.view(*xc.shape[:-1], w.shape[1])
+            else:
+                y = F.linear(xc, w, b)
+        ctx.fan_in_fan_out, ctx.meta, ctx.dtype, ctx.x_dtype = fan_in_fan_out, meta, dtype, x.dtype
+        ctx.save_for_backward(xc, weight, bias, *values)
         return y
 
     @staticmethod
@@ -244,17 +432,17 @@ class _SparseDeltaLinear(torch.autograd.Function):
         x, weight, bias, *values = ctx.saved_tensors
         fan = ctx.fan_in_fan_out
         need = ctx.needs_input_grad
-        gy2 = gy.reshape(-1, gy.shape[-1])
+        gy2 = gy.reshape(-1, gy.shape[-1]).to(ctx.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = None
         if need[0]:
-            w = _compose(weight, ctx.meta, values)
-            grad_x = (gy2 @ (w.t() if fan else w)).view(x.shape)
+            w = _compose(weight, ctx.meta, values).to(ctx.dtype)
+            grad_x = (gy2 @ (w.t() if fan else w)).view(x.shape).to(ctx.x_dtype)
         if need[1]:
             grad_w = gy2.t() @ x2  # [out, in]
-            grad_w = grad_w.t() if fan else grad_w
+            grad_w = (grad_w.t() if fan else grad_w).to(weight.dtype)
         if bias is not None and need[2]:
-            grad_b = gy2.sum(0)
+            grad_b = gy2.sum(0).to(bias.dtype)
         grad_values = []
         for i, ((idx, kept, scale), v) in enumerate(zip(ctx.meta, values, strict=True)):
             if not need[5 + i]:
@@ -274,8 +462,8 @@ class _SparseDeltaLinear(torch.autograd.Function):
 
 def _compose(weight: torch.Tensor, meta: list, values) -> torch.Tensor:
     flat = weight.reshape(-1)
-    for (idx, _, _), v in zip(meta, values, strict=False):
-        flat = flat.index_add(0, idx, v.to(weight.dtype))
+    for (idx, _, _), v in zip(meta, values, strict=True):
+        flat = flat.index_put((idx,), effective_entries(flat[idx], v))
     return flat.view_as(weight)
 
 
@@ -284,7 +472,9 @@ def _kept_weight_grad(gy2: torch.Tensor, x2: torch.Tensor, flat: torch.Tensor, s
     Conv1D), without building the dense gradient when SDDMM is available."""
     # Row-major pattern over the stored layout: W[out, in] gets gy^T x, Conv1D's W[in, out] gets x^T gy.
     left, right = (x2, gy2) if fan else (gy2, x2)
-    if USE_SDDMM and left.dtype in (torch.float32, torch.float64) and flat.numel():
+    if USE_SDDMM and flat.numel():
+        if left.dtype not in (torch.float32, torch.float64):  # half-precision SDDMM is not on every device
+            left, right = left.float(), right.float()
         rows, cols = flat // shape[1], flat % shape[1]
         crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=flat.device)
         crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
@@ -308,6 +498,19 @@ class _MISTModule(nn.Module, MISTLayer):
     def __repr__(self) -> str:
         return "mist." + super().__repr__()
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self._base_only(x, *args, **kwargs)
+        if out is not None:
+            return out
+        scoring = self._unselected_in_training()
+        adapters = self._active_with_entries()
+        if not adapters and not scoring:
+            return self.base_layer(x, *args, **kwargs)
+        return self._sparse_forward(x, adapters) if not scoring else self._dense_forward(x, adapters, scoring)
+
+    def _sparse_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        return self._dense_forward(x, adapters, [])
+
 
 class Linear(_MISTModule):
     """MIST on `nn.Linear` and on transformers' `Conv1D` (GPT-2 style, weight stored [in, out])."""
@@ -317,42 +520,39 @@ class Linear(_MISTModule):
         super().__init__(base_layer, adapter_name, config, module_key=module_key, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self._base_only(x, *args, **kwargs)
-        if out is not None:
-            return out
-        adapters = self._active_with_entries()
+    def _sparse_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         base = self.get_base_layer()
         meta = self._grad_inputs(adapters)
         values = [self.mist_values[a] for a in adapters]
-        x = self._cast_input_dtype(x, base.weight.dtype)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = self._cast_input_dtype(x, base.weight.dtype)
         return _SparseDeltaLinear.apply(x, base.weight, base.bias, self.fan_in_fan_out, meta, *values)
 
-
-class _DenselyComposed(_MISTModule):
-    """Layers that compose W + delta densely (autograd handles the values' gradient); subclasses apply W."""
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self._base_only(x, *args, **kwargs)
-        if out is not None:
-            return out
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
-        return self._apply_weight(base, x, self._compose_weight(base.weight, self._active_with_entries()))
+        if not torch.is_autocast_enabled(x.device.type):
+            x = self._cast_input_dtype(x, weight.dtype)
+        if self.fan_in_fan_out:
+            out = torch.addmm(base.bias, x.reshape(-1, x.shape[-1]), weight) if base.bias is not None \
+                else x.reshape(-1, x.shape[-1]) @ weight
+            return out.view(*x.shape[:-1], weight.shape[1])
+        return F.linear(x, weight, base.bias)
 
-    def _apply_weight(self, base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
-
-class Conv2d(_DenselyComposed):
+class Conv2d(_MISTModule):
     """MIST on `nn.Conv2d` (convolutions are rarely the hot path in MIST's targets)."""
 
-    def _apply_weight(self, base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return base._conv_forward(self._cast_input_dtype(x, weight.dtype), weight, base.bias)
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        if not torch.is_autocast_enabled(x.device.type):
+            x = self._cast_input_dtype(x, weight.dtype)
+        return base._conv_forward(x, weight, base.bias)
 
 
-class Embedding(_DenselyComposed):
+class Embedding(_MISTModule):
     """MIST on `nn.Embedding` (selected entries of the embedding table)."""
 
-    def _apply_weight(self, base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
         return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
                            base.sparse)

@@ -9,7 +9,13 @@ Nothing the size of a base weight is ever written.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator
+
 import torch
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -17,9 +23,41 @@ from transformers.pytorch_utils import Conv1D
 from ._peft_compat import MIST_PREFIX
 from .config import MISTConfig
 from .layer import Conv2d, Embedding, Linear, MISTLayer
+from .optim import install_optimizer_hooks
+from .selection import mist_layers, select_data_free
 from .sparse_io import decode_indices, encode_indices
 
 _SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv2d and nn.Embedding"
+_LOADING = contextvars.ContextVar("mist_loading_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def loading_checkpoint() -> Iterator[None]:
+    """Inside it, injected MIST adapters are not selected: a checkpoint is about to provide their entries.
+    The loading entry points (PeftModel.from_pretrained / load_adapter, transformers' load_adapter) use it."""
+    token = _LOADING.set(True)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+def _while_loading(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with loading_checkpoint():
+            return method(*args, **kwargs)
+
+    wrapper._mist_loading = True
+    return wrapper
+
+
+def install_loading_guards() -> None:
+    """PEFT gives a tuner no sign that a checkpoint is about to fill it, so its loading entry points run
+    inside `loading_checkpoint()` (it only sets a flag that MIST reads; other PEFT types are unaffected)."""
+    if not getattr(PeftModel.load_adapter, "_mist_loading", False):
+        PeftModel.load_adapter = _while_loading(PeftModel.load_adapter)
+        PeftModel.from_pretrained = classmethod(_while_loading(PeftModel.from_pretrained.__func__))
 
 
 class MISTModel(BaseTuner):
@@ -43,6 +81,7 @@ class MISTModel(BaseTuner):
             target.update_layer(adapter_name, config, module_key=current_key)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        _refuse_tied_weight(getattr(self, "_weight_owners", {}), current_key, base)
         if isinstance(base, nn.Linear):
             new = Linear(target, adapter_name, config, module_key=current_key)
         elif isinstance(base, Conv1D):
@@ -60,24 +99,38 @@ class MISTModel(BaseTuner):
             new.requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        """Inject the layers; data-free selections pick their entries now (also for `add_adapter`), so
-        `get_peft_model` returns a trainable model at once."""
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict: dict | None = None, **kwargs) -> None:
+        """Inject the layers. Data-free selections pick their entries now (also for `add_adapter`), so
+        `get_peft_model` returns a trainable model at once; never while a checkpoint is being loaded (it
+        provides the entries), nor under `low_cpu_mem_usage` (the values live on the meta device)."""
+        install_optimizer_hooks()
+        self._weight_owners = _weight_owners(model)
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                               low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict, **kwargs)
         config = self.peft_config[adapter_name]
-        if config.selection in ("magnitude", "random"):
-            from .selection import select_data_free
+        if config.selection not in ("magnitude", "random"):
+            return
 
+        def select() -> None:
             select_data_free(model, adapter_name, config)
+
+        for layer in mist_layers(model, adapter_name).values():
+            layer.mist_select_all[adapter_name] = select
+        if not (_LOADING.get() or low_cpu_mem_usage or state_dict is not None):
+            select()
 
     # ------------------------------------------------------------------- sparse checkpoint format
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         shapes = _mist_weight_shapes(model, adapter_name)
+        unselected = _unselected_modules(model, adapter_name)
         for key in list(out):
             if key.endswith(f".mist_indices.{adapter_name}"):
                 module_key = key.removesuffix(f".mist_indices.{adapter_name}")
+                if module_key in unselected:  # saved before selection: no entries, and it loads unselected
+                    out[f"{module_key}.mist_values.{adapter_name}"] = out[key].new_zeros(0, dtype=torch.float32)
                 out[key] = encode_indices(out[key])
                 out[f"{module_key}.mist_shape.{adapter_name}"] = torch.tensor(shapes[module_key], dtype=torch.int64)
         return out
@@ -110,8 +163,14 @@ class MISTModel(BaseTuner):
                 f"This MIST checkpoint has no deltas for {len(missing)} targeted module(s), e.g. '{missing[0]}'. "
                 "The checkpoint and its adapter_config.json do not belong together; re-save the adapter."
             )
+        # An adapter saved before selection has no entry anywhere (a selected one has at least one in total).
+        selected = any(parts.get("mist_values", torch.zeros(0)).numel() for parts in found.values())
         for module_key, parts in found.items():
             layer = _resolve(module_key, modules, peft_prefix)
+            if not selected:
+                rest[f"{module_key}.mist_indices"] = layer.mist_indices[adapter_name]
+                rest[f"{module_key}.mist_values"] = layer.mist_values[adapter_name].detach()
+                continue
             indices, values = _install_checkpoint_entry(module_key, layer, adapter_name, parts)
             # Placeholders are now sized; PEFT's load_state_dict fills them (and reports nothing as missing).
             rest[f"{module_key}.mist_indices"] = indices
@@ -122,6 +181,35 @@ class MISTModel(BaseTuner):
 def _resolve(checkpoint_module_key: str, modules: dict[str, MISTLayer], peft_prefix: str) -> MISTLayer | None:
     key = checkpoint_module_key
     return modules.get(key) or modules.get(key.removeprefix(peft_prefix)) or modules.get(peft_prefix + key)
+
+
+def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(weight) -> names of the modules holding it (more than one name: tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not isinstance(module, MISTLayer):
+            owners.setdefault(id(weight), []).append(name)
+    return owners
+
+
+def _refuse_tied_weight(owners: dict[int, list[str]], key: str, base: nn.Module) -> None:
+    """A weight shared with another module (GPT-2's `wte` and `lm_head`) would get the delta in one place
+    unmerged and in both once merged: refuse it with the way out."""
+    names = owners.get(id(getattr(base, "weight", None)), [])
+    sharing = [n for n in names if n != key and n != f"{key}.base_layer"]
+    if sharing:
+        raise ValueError(
+            f"Module '{key}' shares its weight with '{sharing[0]}' (tied weights, e.g. input embeddings and the "
+            "LM head). MIST would change the weight for one of them while unmerged and for both once merged. "
+            f"Leave it out (`exclude_modules=['{key.rsplit('.', 1)[-1]}']`), or untie the weights first "
+            "(load with `tie_word_embeddings=False` and give the head its own copy of the weight)."
+        )
+
+
+def _unselected_modules(model: nn.Module, adapter_name: str) -> set[str]:
+    return {name.removeprefix("_fsdp_wrapped_module.") for name, m in model.named_modules()
+            if isinstance(m, MISTLayer) and adapter_name in m.mist_values and not m.mist_selected[adapter_name]}
 
 
 def _mist_weight_shapes(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:

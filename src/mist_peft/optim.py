@@ -1,84 +1,123 @@
-"""Strict sparsity for any torch optimizer, and the clock that redraws the gradient-dropout subset.
+"""Strict sparsity for any torch optimizer in any training loop, and the clock of the gradient dropout.
 
-How the guarantee works (MIST_SPEC "Decisions", strict sparsity):
+MIST registers torch's *global* optimizer step hooks once (`register_optimizer_step_pre_hook` /
+`..._post_hook`). They act only on optimizers that hold MIST values, so `optimizer.step()` is right in the
+Trainer, TRL, Accelerate (also under `accumulate` and with `GradScaler`, which skip `step()` on overflow),
+and a plain torch loop, with no call from the user. How the guarantee works (MIST_SPEC "Decisions"):
 - Unselected entries have no trainable storage at all, so no optimizer can reach them.
 - Dropped entries (selected, not kept this step) get a zero gradient from the layer, but momentum, Adam
-  moments and weight decay would still move them. A step pre-hook snapshots, for every MIST values
-  tensor, the dropped entries of the value and of every optimizer-state tensor of the same shape; the
-  post-hook writes them back. Dropped entries therefore leave the step bit-identical, value and state.
+  moments and weight decay would still move them. The pre-hook snapshots each MIST values tensor and every
+  optimizer-state tensor of its shape; the post-hook writes the dropped entries back, and resets state that
+  the step itself created (torch creates momentum and moments lazily, from zero) to zero there. Dropped
+  entries therefore leave the step bit-identical, value and state. Scalar state (Adam's step) is shared.
 - Weight decay thus acts only on kept entries, and on the stored delta, so it pulls toward the
-  pre-trained weight. Scalar state (Adam's step count) is shared, as in every torch optimizer.
-- The post-hook then advances every MIST layer's step, which redraws the kept subset. The draw depends
-  only on (seed, layer, step): every process of a multi-process run keeps the same entries.
-It uses only the public `Optimizer.register_step_pre_hook`/`register_step_post_hook`, so it works with
-Accelerate's `AcceleratedOptimizer` (whose inner optimizer fires the hooks) and the Trainer's optimizer.
+  pre-trained weight.
+- The post-hook then advances the step of every MIST layer the optimizer trains, which redraws the kept
+  subset (a function of seed, layer and step only: every process keeps the same entries), and counts the
+  steps of a `selection="fisher"` warm-up.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .layer import MISTLayer
+from .layer import LIVE_LAYERS, RETIRED, MISTLayer
+
+_HANDLES: list = []
+_SAVED: dict[int, tuple[list, set]] = {}  # id(optimizer) -> (snapshots, layers), between pre- and post-hook
 
 
-def _unwrap_optimizer(optimizer):
-    while hasattr(optimizer, "optimizer") and not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    if hasattr(optimizer, "optimizer") and isinstance(optimizer.optimizer, torch.optim.Optimizer):
-        optimizer = optimizer.optimizer  # AcceleratedOptimizer subclasses Optimizer and wraps the real one
-    return optimizer
+def install_optimizer_hooks() -> None:
+    """Register MIST's global optimizer step hooks (idempotent; done when the first MIST layer is built)."""
+    if not _HANDLES:
+        _HANDLES.extend([register_optimizer_step_pre_hook(_before_step),
+                         register_optimizer_step_post_hook(_after_step)])
+
+
+def _is_wrapper(optimizer) -> bool:
+    """Accelerate's AcceleratedOptimizer (an Optimizer subclass) wraps the real one, whose step fires too."""
+    return isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)
+
+
+def _mist_params(optimizer) -> list[tuple[torch.Tensor, MISTLayer, str]]:
+    """(values tensor, layer, adapter) for every MIST values tensor the optimizer holds."""
+    if not LIVE_LAYERS:
+        return []
+    owners = {id(v): (layer, name) for layer in list(LIVE_LAYERS) for name, v in layer.mist_values.items()}
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if getattr(p, RETIRED, False):
+                raise RuntimeError(
+                    "This optimizer holds MIST values that were replaced when the adapter's entries were selected "
+                    "(granularity='global' sizes each layer's values at selection), so it would train nothing. "
+                    "Create the optimizer after selection: after get_peft_model for a data-free selection, after "
+                    "`select_mi_fisher` for MI-Fisher (train_mist and MISTTrainer do this for you)."
+                )
+            owner = owners.get(id(p))
+            if owner is not None:
+                out.append((p, *owner))
+    return out
+
+
+def _before_step(optimizer, args, kwargs) -> None:
+    if _is_wrapper(optimizer):
+        return
+    params = _mist_params(optimizer)
+    if not params:
+        return
+    snapshots = []
+    for p, layer, name in params:
+        if p.grad is None or p.numel() == 0:
+            continue  # the optimizer skips this tensor
+        selected = layer.mist_selected.get(name, False)
+        if selected and layer.mist_grad_drop[name] == 0:
+            continue  # every entry is kept
+        keep = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+        kept = layer.mist_kept.get(name)
+        if selected and kept is not None and kept[0] == layer.mist_step:  # else no forward drew one: none moves
+            keep[kept[1]] = True
+        # Whole-tensor copies and one `where` are far cheaper than gathering ~90% of the entries.
+        state = {k: v.clone() for k, v in optimizer.state.get(p, {}).items()
+                 if torch.is_tensor(v) and v.shape == p.shape}
+        snapshots.append((p, keep, p.detach().clone(), state))
+    _SAVED[id(optimizer)] = (snapshots, {layer for _, layer, _ in params})
+
+
+def _after_step(optimizer, args, kwargs) -> None:
+    saved = _SAVED.pop(id(optimizer), None)
+    if saved is None:
+        return
+    snapshots, layers = saved
+    with torch.no_grad():
+        for p, keep, value, state in snapshots:
+            p.copy_(torch.where(keep, p, value))
+            for key, new in optimizer.state.get(p, {}).items():
+                if not (torch.is_tensor(new) and new.shape == p.shape):
+                    continue
+                old = state.get(key)
+                new.copy_(torch.where(keep, new, old if old is not None else torch.zeros_like(new)))
+    for layer in layers:
+        layer.mist_step += 1
+        layer._forwards_at_step = 0
+        for name in list(layer.mist_scores):
+            layer.finish_warmup(name)
 
 
 def attach_optimizer(optimizer, model: nn.Module) -> list:
-    """Make `optimizer.step()` strictly sparse for MIST values and advance the gradient-dropout draw.
-
-    Call once after creating the optimizer (and after the entries are selected). Returns the hook
-    handles; `handle.remove()` detaches them.
-    """
-    inner = _unwrap_optimizer(optimizer)
+    """Check that `optimizer` trains the model's MIST values. Optional since strict sparsity and the dropout
+    clock act through global hooks in every loop; kept for explicitness (idempotent). Returns no handles."""
+    install_optimizer_hooks()
+    inner = optimizer
+    while _is_wrapper(inner):
+        inner = inner.optimizer
     layers = [m for m in model.modules() if isinstance(m, MISTLayer)]
-    owners = {}
-    for layer in layers:
-        for name, values in layer.mist_values.items():
-            owners[id(values)] = (layer, name)
-    optimized = {id(p) for group in inner.param_groups for p in group["params"]}
-    if layers and not any(i in optimized for i in owners):
+    trainable = [v for m in layers for v in m.mist_values.values() if v.requires_grad]
+    if trainable and not _mist_params(inner):
         raise ValueError(
-            "None of the model's MIST values is in this optimizer. Create the optimizer after selecting the "
-            "entries (the values are re-created when indices are installed), from the model's trainable parameters."
+            "None of the model's MIST values is in this optimizer. Create it from the model's trainable "
+            "parameters (e.g. `torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)`)."
         )
-    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]] = []
-
-    def before_step(opt, args, kwargs):
-        saved.clear()
-        for group in opt.param_groups:
-            for p in group["params"]:
-                owner = owners.get(id(p))
-                if owner is None or p.numel() == 0:
-                    continue
-                layer, name = owner
-                if layer.mist_grad_drop[name] == 0 or p.grad is None:
-                    continue  # every entry is kept, or the optimizer skips this tensor anyway
-                keep = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-                kept = layer.mist_kept.get(name)
-                if kept is not None and kept[0] == layer.mist_step:  # else no forward drew a subset: none moves
-                    keep[kept[1]] = True
-                # Whole-tensor copies and one `where` are far cheaper than gathering ~90% of the entries.
-                state = [(k, v.clone()) for k, v in opt.state.get(p, {}).items()
-                         if torch.is_tensor(v) and v.shape == p.shape]
-                saved.append((p, keep, p.detach().clone(), state))
-
-    def after_step(opt, args, kwargs):
-        with torch.no_grad():
-            for p, keep, value, state in saved:
-                p.copy_(torch.where(keep, p, value))
-                for key, old in state:
-                    new = opt.state[p][key]
-                    new.copy_(torch.where(keep, new, old))
-        saved.clear()
-        for layer in layers:
-            layer.mist_step += 1
-            layer._forwards_at_step = 0
-
-    return [inner.register_step_pre_hook(before_step), inner.register_step_post_hook(after_step)]
+    return []

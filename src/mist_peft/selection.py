@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import MISTConfig
-from .layer import MISTLayer
+from .layer import MISTLayer, count_for
 
 
 def mist_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, MISTLayer]:
@@ -24,11 +24,6 @@ def mist_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, 
         name: m for name, m in model.named_modules()
         if isinstance(m, MISTLayer) and (adapter_name is None or adapter_name in m.mist_values)
     }
-
-
-def count_for(numel: int, density: float) -> int:
-    """Entries kept out of `numel` at `density` (rounded, at least one)."""
-    return min(numel, max(1, round(density * numel)))
 
 
 def top_entries(scores: Mapping[str, torch.Tensor], density: float, granularity: str) -> dict[str, torch.Tensor]:
@@ -61,6 +56,12 @@ def top_entries(scores: Mapping[str, torch.Tensor], density: float, granularity:
         ties_needed -= ties.numel()
         out[name] = torch.sort(torch.cat([torch.nonzero(bits > lo).reshape(-1), ties])).values
     return out
+
+
+def is_selected(model: nn.Module, adapter_name: str) -> bool:
+    """True once every layer of the adapter has its entries (recorded explicitly; survives save/load)."""
+    layers = mist_layers(model, adapter_name)
+    return bool(layers) and all(m.mist_selected[adapter_name] for m in layers.values())
 
 
 def install_selection(model: nn.Module, adapter_name: str, indices: Mapping[str, torch.Tensor]) -> None:

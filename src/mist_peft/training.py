@@ -23,7 +23,7 @@ from .encoders import FeatureEncoder
 from .objectives import MIObjective
 from .optim import attach_optimizer
 from .scoring import active_adapter, select_mi_fisher
-from .selection import mist_layers
+from .selection import is_selected, mist_layers
 
 
 @dataclass
@@ -55,8 +55,8 @@ class MISTTrainingConfig:
 
 
 def needs_selection(model: nn.Module, adapter_name: str) -> bool:
-    """True while the adapter still holds the empty placeholders of `selection="mi_fisher"`."""
-    return any(m.mist_values[adapter_name].numel() == 0 for m in mist_layers(model, adapter_name).values())
+    """True while the adapter's entries have not been chosen (a fresh `selection="mi_fisher"` adapter)."""
+    return not is_selected(model, adapter_name)
 
 
 def kept_digest(model: nn.Module, adapter_name: str) -> str:
