@@ -130,14 +130,14 @@ def test_merge_unmerge_and_merge_and_unload(kind):
         unmerged = model_output(model, inputs)
         model.merge_adapter()
         merged = model_output(model, inputs)
-        torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+        assert torch.equal(merged, unmerged)  # the same effective weight, the same kernel
         model.unmerge_adapter()
         for name, layer in mist_layers(model).items():
             assert torch.equal(layer.get_base_layer().weight, snapshot[base_weight_key(name)])
         assert torch.equal(model_output(model, inputs), unmerged)
         plain = model.merge_and_unload()
         assert not mist_layers(plain)
-        torch.testing.assert_close(model_output(plain, inputs), unmerged, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model_output(plain, inputs), unmerged)
 
 
 def test_unload_restores_the_original_model_exactly():
@@ -271,3 +271,44 @@ def test_mi_fisher_adapter_starts_unselected_at_its_final_size_and_keeps_the_bas
     model.train()
     with pytest.raises(layer_mod.MISTSelectionError, match="train_mist.*selection='fisher'.*magnitude"):
         model_output(model, inputs)
+
+
+def test_two_active_adapters_compose_merge_and_train_together():
+    model, inputs, reference, _ = make("llama", grad_drop=0.0)
+    model.add_adapter("other", MISTConfig(target_modules=TARGETS["llama"], selection="random", density=0.1))
+    model.base_model.set_adapter(["default", "other"])  # both active on every targeted layer
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    assert {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad} == {"default", "other"}
+    model.train()
+    for _ in range(2):
+        model_output(model, inputs).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        both = model_output(model, inputs)
+        model.base_model.set_adapter("default")
+        only_default = model_output(model, inputs)
+        model.base_model.set_adapter(["default", "other"])
+        assert not torch.equal(both, only_default) and not torch.equal(both, reference)
+        model.merge_adapter(["default", "other"])
+        assert torch.equal(model_output(model, inputs), both)
+        model.unmerge_adapter()
+        assert torch.equal(model_output(model, inputs), both)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_rescale_kept_grads_scales_the_kept_gradient_by_one_over_keep_probability(rescale):
+    model, inputs, _, _ = make("bert", grad_drop=0.75, rescale_kept_grads=rescale, density=0.2)
+    reference, *_ = make("bert", grad_drop=0.0, density=0.2)
+    for m in (model, reference):  # eval mode: no dropout, the same numbers; grad enabled: a training forward
+        model_output(m, inputs).pow(2).mean().backward()
+    for (name, layer), ref in zip(mist_layers(model).items(), mist_layers(reference).values(), strict=True):
+        full = ref.mist_values["default"].grad
+        if full is None:  # the pooler does not feed last_hidden_state
+            assert layer.mist_values["default"].grad is None
+            continue
+        kept = layer.mist_kept["default"][1]
+        expected = torch.zeros_like(full)
+        expected[kept] = full[kept] * (4.0 if rescale else 1.0)
+        torch.testing.assert_close(layer.mist_values["default"].grad, expected, msg=name)
