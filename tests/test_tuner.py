@@ -61,9 +61,12 @@ def test_training_changes_only_selected_entries(kind):
     selected = {n: m.mist_indices["default"].clone() for n, m in layers.items()}
     train(model, inputs, steps=4, weight_decay=0.1)
     total_changed = 0
+    state = model.state_dict()  # reports the true base weights, also while the in-place engine holds W + delta
     for name, layer in layers.items():
         original = snapshot[base_weight_key(name)]
-        assert torch.equal(layer.get_base_layer().weight, original), "the base weight must stay untouched"
+        assert torch.equal(state[f"{name}.base_layer.weight"], original), "the base weight must stay untouched"
+        layer.restore_base_weight()
+        assert torch.equal(layer.get_base_layer().weight, original)
         changed = torch.nonzero((layer.get_delta_weight("default") + original != original).reshape(-1)).reshape(-1)
         assert torch.isin(changed, selected[name]).all()
         assert changed.numel() <= count_for(original.numel(), 0.05)
@@ -220,7 +223,7 @@ def test_fused_linear_gradients_match_dense_autograd(use_sddmm, monkeypatch):
         values = torch.randn(6, requires_grad=True)
         kept = torch.tensor([1, 2, 5])
         x = torch.randn(3, 4, 5, requires_grad=True)
-        y = layer_mod._SparseDeltaLinear.apply(x, weight, bias, fan_in_fan_out, [(idx, kept, 2.0)], values)
+        y = layer_mod._SparseDeltaLinear.apply(x, weight, bias, fan_in_fan_out, [(idx, kept, 2.0)], values, False)
         y.pow(2).sum().backward()
         v_ref = values.detach().clone().requires_grad_(True)
         x_ref = x.detach().clone().requires_grad_(True)
@@ -312,3 +315,33 @@ def test_rescale_kept_grads_scales_the_kept_gradient_by_one_over_keep_probabilit
         expected = torch.zeros_like(full)
         expected[kept] = full[kept] * (4.0 if rescale else 1.0)
         torch.testing.assert_close(layer.mist_values["default"].grad, expected, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_inplace_engine_equals_the_compose_reference_step_for_step(kind, monkeypatch):
+    """Both engines give bit-identical outputs, gradients and trained values; the in-place one restores the
+    true base weight for everything that reads it."""
+    runs = {}
+    for engine in ("compose", "inplace"):
+        monkeypatch.setattr(layer_mod, "ENGINE", engine)
+        model, inputs, reference, snapshot = make(kind, grad_drop=0.5, selection="random")
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        grads = []
+        for _ in range(3):
+            model_output(model, inputs).pow(2).mean().backward()
+            grads.append(torch.cat([m.mist_values["default"].grad.clone() for m in mist_layers(model).values()]))
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            out = model_output(model, inputs)
+            with model.disable_adapter():
+                assert torch.equal(model_output(model, inputs), reference)
+            assert torch.equal(model_output(model, inputs), out)
+        for name in mist_layers(model):
+            assert torch.equal(model.state_dict()[f"{name}.base_layer.weight"], snapshot[base_weight_key(name)])
+        runs[engine] = (out, grads)
+        plain = model.unload()
+        with torch.no_grad():
+            assert torch.equal(model_output(plain, inputs), reference)
+    assert torch.equal(runs["compose"][0], runs["inplace"][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs["compose"][1], runs["inplace"][1], strict=True))

@@ -13,6 +13,14 @@ Life of an adapter on a layer:
 - tuned with gradient dropout drawn per optimizer step (`optim.py`). For Linear and Conv1D a fused autograd
   function computes the values' gradient only at the entries kept in that step (a sampled matmul).
 
+Engine (`ENGINE`): with "inplace" (default), while exactly one adapter is active on a Linear/Conv1D layer
+its effective entries live in the base weight's own storage (the overwritten base entries are kept, as
+`merge()` keeps them), rewritten entry by entry only after its values changed. The forward is then the
+base layer's own kernel with no copy of the weight, and the backward adds only the values' gradient at the
+kept entries. Anything that needs the true base weight (disabling, switching or deleting adapters, merging,
+`unload`, `state_dict`, `.to()`) restores it first, so every public behaviour is exact. "compose" is the
+reference path: `W + delta` built on the fly in every forward and backward.
+
 Precision: the effective entries are `(W[i] + v_i)` computed in the values' precision (fp32) and rounded
 once to the weight's dtype, in the forward pass and in `merge()` alike, so merged and unmerged outputs are
 bit-identical. With a bf16/fp16 base, a delta below half an ulp of its weight changes nothing yet, exactly
@@ -38,6 +46,9 @@ from .sparse_io import check_strictly_increasing
 # measured on a 2-core CPU for a 1536x384 weight and 2048 tokens it costs half a dense weight gradient at any
 # kept share up to 5%, where a gather-and-dot costs three times more. False forces the dense fallback.
 USE_SDDMM = True
+# "inplace": effective entries written into the base weight's storage (no weight copy per step); "compose":
+# the reference path that builds W + delta in every forward and backward. Both give bit-identical results.
+ENGINE = "inplace"
 
 # Every live MIST layer, so the global optimizer hooks (`optim.py`) find the value tensors of any optimizer.
 LIVE_LAYERS: weakref.WeakSet = weakref.WeakSet()
@@ -94,6 +105,9 @@ class MISTLayer(BaseTunerLayer):
         self.mist_step = 0  # optimizer steps taken; advanced by the optimizer step hooks of `optim.py`
         self.mist_key = 0  # stable per-layer id (crc32 of the module path), the same on every process
         self.mist_name = ""  # module path, seeds the random selection
+        self._live: str | None = None  # adapter whose effective entries are written into the base weight
+        self._live_backup: torch.Tensor | None = None  # the base entries they replaced
+        self._live_stamp: tuple | None = None  # (values tensor id, version) last written
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
@@ -128,6 +142,7 @@ class MISTLayer(BaseTunerLayer):
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """PEFT's activation, except that an adapter with no entries here holds no trainable parameter
         (an empty trainable tensor never gets a gradient and breaks DDP's reduction)."""
+        self.restore_base_weight()
         super().set_adapter(adapter_names, inference_mode=inference_mode)
         for values in self.mist_values.values():
             if values.numel() == 0:
@@ -147,6 +162,7 @@ class MISTLayer(BaseTunerLayer):
             )
         if adapter_name in self.merged_adapters:
             raise RuntimeError(f"adapter '{adapter_name}' is merged; call unmerge() before changing its entries")
+        self.restore_base_weight()
         old = self.mist_values[adapter_name]
         if values is not None and values.shape != idx.shape:
             raise ValueError(f"{values.numel()} values given for {idx.numel()} indices")
@@ -268,9 +284,53 @@ class MISTLayer(BaseTunerLayer):
         chosen = torch.topk(scores.reshape(-1), count_for(scores.numel(), config.density), sorted=False).indices
         self.set_indices(adapter_name, torch.sort(chosen).values)
 
+    # ------------------------------------------------------------------------------ in-place engine
+    def _write_live(self, adapter_name: str) -> None:
+        """Make the base weight hold `adapter_name`'s effective entries (writes only the selected entries)."""
+        values = self.mist_values[adapter_name]
+        stamp = (id(values), values._version)
+        if self._live == adapter_name and self._live_stamp == stamp:
+            return
+        self.restore_base_weight()
+        flat = self.get_base_layer().weight.data.view(-1)  # .data: autograd must not see this bookkeeping
+        idx = self.mist_indices[adapter_name]
+        self._live_backup = flat[idx].clone()
+        flat[idx] = effective_entries(self._live_backup, values.detach())
+        self._live, self._live_stamp = adapter_name, stamp
+
+    def restore_base_weight(self) -> None:
+        """Put the exact base entries back (leave the in-place engine); a no-op when it is not in use."""
+        if self._live is None:
+            return
+        self.get_base_layer().weight.data.view(-1)[self.mist_indices[self._live]] = self._live_backup
+        self._live, self._live_backup, self._live_stamp = None, None, None
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if not enabled:
+            self.restore_base_weight()
+        super().enable_adapters(enabled)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.restore_base_weight()
+        super().delete_adapter(adapter_name)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.restore_base_weight()  # `.to()` and friends must move the true base weight
+        return super()._apply(fn, *args, **kwargs)
+
+    def _state_dict_with_base_weight(self, state_dict: dict, prefix: str, *args) -> None:
+        """state_dict hook: report the true base weight even while the in-place engine is in use."""
+        key = prefix + "base_layer.weight"
+        if self._live is None or key not in state_dict:
+            return
+        weight = state_dict[key].detach().clone()
+        weight.view(-1)[self.mist_indices[self._live]] = self._live_backup
+        state_dict[key] = weight
+
     # ------------------------------------------------------------------------------ delta and merge
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense delta of one adapter, shaped like the base weight (for inspection and merging)."""
+        self.restore_base_weight()
         weight = self.get_base_layer().weight
         flat = weight.detach().reshape(-1)
         delta = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
@@ -285,6 +345,7 @@ class MISTLayer(BaseTunerLayer):
         """Write the effective entries into the base weight; the overwritten ones are kept so unmerge is
         bit-exact."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        self.restore_base_weight()
         base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.mist_values:
@@ -411,9 +472,10 @@ class _SparseDeltaLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, fan_in_fan_out: bool, meta: list, *values):
+    def forward(ctx, x, weight, bias, fan_in_fan_out: bool, meta: list, *values_and_live):
+        *values, live = values_and_live  # live: `weight` already holds the effective entries (in-place engine)
         dtype = _compute_dtype(x, weight)
-        w = _compose(weight, meta, values).to(dtype)
+        w = (weight if live else _compose(weight, meta, values)).to(dtype)
         xc = x.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         with torch.autocast(x.device.type, enabled=False):
@@ -423,7 +485,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
                 y = y2.view(*xc.shape[:-1], w.shape[1])
             else:
                 y = F.linear(xc, w, b)
-        ctx.fan_in_fan_out, ctx.meta, ctx.dtype, ctx.x_dtype = fan_in_fan_out, meta, dtype, x.dtype
+        ctx.fan_in_fan_out, ctx.meta, ctx.dtype, ctx.x_dtype, ctx.live = fan_in_fan_out, meta, dtype, x.dtype, live
         ctx.save_for_backward(xc, weight, bias, *values)
         return y
 
@@ -436,7 +498,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = None
         if need[0]:
-            w = _compose(weight, ctx.meta, values).to(ctx.dtype)
+            w = (weight if ctx.live else _compose(weight, ctx.meta, values)).to(ctx.dtype)
             grad_x = (gy2 @ (w.t() if fan else w)).view(x.shape).to(ctx.x_dtype)
         if need[1]:
             grad_w = gy2.t() @ x2  # [out, in]
@@ -457,7 +519,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
             g = torch.zeros_like(v)
             g[positions] = dots.to(v.dtype) * _at(scale, positions)
             grad_values.append(g)
-        return (grad_x, grad_w, grad_b, None, None, *grad_values)
+        return (grad_x, grad_w, grad_b, None, None, *grad_values, None)
 
 
 def _compose(weight: torch.Tensor, meta: list, values) -> torch.Tensor:
@@ -494,6 +556,7 @@ class _MISTModule(nn.Module, MISTLayer):
         MISTLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_key=module_key)
+        self._register_state_dict_hook(MISTLayer._state_dict_with_base_weight)
 
     def __repr__(self) -> str:
         return "mist." + super().__repr__()
@@ -522,11 +585,21 @@ class Linear(_MISTModule):
 
     def _sparse_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         base = self.get_base_layer()
+        if ENGINE == "inplace" and len(adapters) == 1 and not base.weight.requires_grad:
+            self._write_live(adapters[0])
+            values = self.mist_values[adapters[0]]
+            if not (torch.is_grad_enabled() and values.requires_grad):
+                return self.base_layer(x)  # inference: exactly the base layer's cost
+            meta = self._grad_inputs(adapters)
+            if not torch.is_autocast_enabled(x.device.type):
+                x = self._cast_input_dtype(x, base.weight.dtype)
+            return _SparseDeltaLinear.apply(x, base.weight, base.bias, self.fan_in_fan_out, meta, values, True)
+        self.restore_base_weight()
         meta = self._grad_inputs(adapters)
         values = [self.mist_values[a] for a in adapters]
         if not torch.is_autocast_enabled(x.device.type):
             x = self._cast_input_dtype(x, base.weight.dtype)
-        return _SparseDeltaLinear.apply(x, base.weight, base.bias, self.fan_in_fan_out, meta, *values)
+        return _SparseDeltaLinear.apply(x, base.weight, base.bias, self.fan_in_fan_out, meta, *values, False)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()

@@ -120,6 +120,11 @@ class MISTModel(BaseTuner):
         if not (_LOADING.get() or low_cpu_mem_usage or state_dict is not None):
             select()
 
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        for layer in mist_layers(self.model).values():
+            layer.restore_base_weight()  # unload hands out the base layers: they must hold the true weights
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
     # ------------------------------------------------------------------- sparse checkpoint format
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
