@@ -248,6 +248,10 @@ def test_save_load_round_trip_is_exact(model_id, config_id, tmp_path):
         assert isinstance(loaded.peft_config["default"], MISTConfig)
         ignore = ("inference_mode", "auto_mapping")  # set by loading: inference by default, the base's class
         assert drop(loaded.peft_config["default"].to_dict(), ignore) == drop(config.to_dict(), ignore)
+        loaded.load_adapter(tmp_path, adapter_name="again", low_cpu_mem_usage=low_cpu_mem_usage)
+        assert {t.device.type for t in list(loaded.parameters()) + list(loaded.buffers())} == {"cpu"}
+        loaded.set_adapter("again")
+        assert torch.equal(run(loaded, inputs), expected)
 
 
 @pytest.mark.parametrize(("model_id", "config_id"), ROWS, ids=ROW_IDS)
@@ -297,6 +301,14 @@ def test_merge_unmerge_safe_merge_merge_and_unload_unload(model_id, config_id):
         for name, layer in layers(model).items():
             assert not layer.merged and torch.equal(layer.get_base_layer().weight, base[name])
         assert torch.equal(run(model, inputs), unmerged)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in broken.named_parameters():
+            if "mist_values.default" in name:
+                p.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        broken.merge_adapter(safe_merge=True)
+    assert all(torch.equal(m.get_base_layer().weight, base[n]) for n, m in layers(broken).items() if n in base)
     plain = copy.deepcopy(model).merge_and_unload(safe_merge=True)
     assert not mist_peft.mist_layers(plain) and not any("mist_" in n for n, _ in plain.named_parameters())
     assert torch.equal(run(plain, inputs), unmerged)
@@ -496,6 +508,60 @@ def test_loaded_adapter_is_identical_in_a_fresh_process(tmp_path):
                             timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "EQUAL"
+
+
+@pytest.mark.parametrize("model_id", ["bert", "llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_gradients(model_id):
+    """transformers' checkpointing re-runs the forward in backward; the kept subset must not be redrawn."""
+    grads = []
+    for checkpointing in (False, True):
+        model, inputs, *_ = build(model_id, "magnitude-d0.3-drop0.5-rescale")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        output(model, inputs).pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    assert any(bool((g != 0).any()) for g in grads[0].values())
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_batchnorm_in_modules_to_save_keeps_its_running_statistics(tmp_path):
+    torch.manual_seed(0)
+    model = get_peft_model(BatchNormNet().eval(), MISTConfig(target_modules=["conv"], selection="random",
+                                                              grad_drop=0.0, modules_to_save=["bn"]))
+    x = {"x": torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(1))}
+    model.train()
+    for _ in range(3):
+        model(**x)  # running statistics move (buffers, not parameters)
+    model.eval()
+    expected = run(model, x)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(BatchNormNet().eval(), tmp_path)
+    assert torch.equal(run(loaded, x), expected)
+    with loaded.disable_adapter():
+        torch.manual_seed(0)
+        assert torch.equal(run(loaded, x), run(BatchNormNet().eval(), x))
+
+
+@DEFECT_3
+def test_mi_fisher_placeholders_hold_no_trainable_parameter():
+    """Before scoring, a mi_fisher adapter has no entries anywhere: the same empty tensors as defect 3."""
+    model = get_peft_model(MODELS["mlp"].make(), MISTConfig(target_modules=["lin0", "lin1"]))
+    assert model.get_nb_trainable_parameters()[0] == 0
+    assert all(p.numel() > 0 for p in model.parameters() if p.requires_grad)
 
 
 # ------------------------------------------------------------------ global granularity with an empty layer
