@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         median = {(r["method"], r["low_cpu_mem_usage"]): r[f"{measure}_s_median"] for r in rows}
         ratios[measure] = {str(low): median[("mist", low)] / median[("lora", low)] for low in (False, True)}
     summary = {
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if k != "output_dir"},  # no machine paths in results
         "env": {"torch": torch.__version__, "peft": peft.__version__, "mist_peft": mist_peft.__version__,
                 "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine()},
         "adapters": {k: facts[k] for k in ("mist", "lora")},
