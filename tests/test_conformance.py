@@ -595,47 +595,34 @@ def test_global_granularity_empty_layer_holds_no_trainable_parameter():
     assert all(p.numel() > 0 for p in model.parameters() if p.requires_grad)
 
 
-DDP_SCRIPT = """
-import json, sys, torch
-from accelerate import Accelerator
-from peft import get_peft_model
-import mist_peft
-from mist_peft import MISTConfig
+def ddp_worker(out_dir: str) -> None:
+    """One process of the DDP run: Accelerate's defaults (find_unused_parameters=False), 3 AdamW steps."""
+    from accelerate import Accelerator
 
-sys.path.insert(0, sys.argv[2])
-from test_conformance import GLOBAL_EMPTY, mlp_with_a_quiet_layer
-
-accelerator = Accelerator()
-model = get_peft_model(mlp_with_a_quiet_layer(), MISTConfig(**GLOBAL_EMPTY))
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-mist_peft.attach_optimizer(opt, model)
-model, opt = accelerator.prepare(model, opt)
-g = torch.Generator().manual_seed(accelerator.process_index)
-steps = 0
-for _ in range(3):
-    loss = model(torch.randn(4, 10, generator=g)).pow(2).mean()
-    accelerator.backward(loss)
-    opt.step()
-    opt.zero_grad()
-    steps += 1
-values = sum(float(p.detach().double().sum()) for n, p in model.named_parameters() if "mist_values" in n)
-with open(f"{sys.argv[1]}/rank{accelerator.process_index}.json", "w") as fh:
-    json.dump({"steps": steps, "values": values}, fh)
-"""
+    torch.set_num_threads(1)
+    accelerator = Accelerator()
+    model = get_peft_model(mlp_with_a_quiet_layer(), MISTConfig(**GLOBAL_EMPTY))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    mist_peft.attach_optimizer(opt, model)
+    model, opt = accelerator.prepare(model, opt)
+    g = torch.Generator().manual_seed(accelerator.process_index)
+    steps = 0
+    for _ in range(3):
+        accelerator.backward(model(torch.randn(4, 10, generator=g)).pow(2).mean())
+        opt.step()
+        opt.zero_grad()
+        steps += 1
+    values = sum(float(p.detach().double().sum()) for n, p in model.named_parameters() if "mist_values" in n)
+    Path(out_dir, f"rank{accelerator.process_index}.json").write_text(json.dumps({"steps": steps, "values": values}))
 
 
 @pytest.mark.slow
 @DEFECT_3
 def test_ddp_without_find_unused_parameters_trains_a_model_with_an_empty_layer(tmp_path):
-    """A real 2-process gloo run (Accelerate's default find_unused_parameters=False)."""
-    script = tmp_path / "ddp_global.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(script), str(tmp_path), str(Path(__file__).parent)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """A real 2-process gloo DDP run (CPU processes forked by Accelerate's debug_launcher)."""
+    from accelerate import debug_launcher
+
+    debug_launcher(ddp_worker, args=(str(tmp_path),), num_processes=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["steps"] == 3 for r in ranks)
     assert ranks[0]["values"] == ranks[1]["values"] != 0  # DDP keeps the processes' values identical
