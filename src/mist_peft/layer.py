@@ -45,6 +45,8 @@ from .sparse_io import check_strictly_increasing
 # The values' gradient at the kept entries is a sampled dense-dense matmul (SDDMM, torch.sparse.sampled_addmm):
 # measured on a 2-core CPU for a 1536x384 weight and 2048 tokens it costs half a dense weight gradient at any
 # kept share up to 5%, where a gather-and-dot costs three times more. False forces the dense fallback.
+# Gathers and scatters use index_select / index_copy_: on the CPU build measured here, `t[idx]` and
+# `t[idx] = v` for 29,500 of 590,000 entries took 12 ms each, index_select 0.15 ms and index_copy_ 0.4 ms.
 USE_SDDMM = True
 # "inplace": effective entries written into the base weight's storage (no weight copy per step); "compose":
 # the reference path that builds W + delta in every forward and backward. Both give bit-identical results.
@@ -294,15 +296,15 @@ class MISTLayer(BaseTunerLayer):
         self.restore_base_weight()
         flat = self.get_base_layer().weight.data.view(-1)  # .data: autograd must not see this bookkeeping
         idx = self.mist_indices[adapter_name]
-        self._live_backup = flat[idx].clone()
-        flat[idx] = effective_entries(self._live_backup, values.detach())
+        self._live_backup = flat.index_select(0, idx)
+        flat.index_copy_(0, idx, effective_entries(self._live_backup, values.detach()))
         self._live, self._live_stamp = adapter_name, stamp
 
     def restore_base_weight(self) -> None:
         """Put the exact base entries back (leave the in-place engine); a no-op when it is not in use."""
         if self._live is None:
             return
-        self.get_base_layer().weight.data.view(-1)[self.mist_indices[self._live]] = self._live_backup
+        self.get_base_layer().weight.data.view(-1).index_copy_(0, self.mist_indices[self._live], self._live_backup)
         self._live, self._live_backup, self._live_stamp = None, None, None
 
     def enable_adapters(self, enabled: bool) -> None:
@@ -324,7 +326,7 @@ class MISTLayer(BaseTunerLayer):
         if self._live is None or key not in state_dict:
             return
         weight = state_dict[key].detach().clone()
-        weight.view(-1)[self.mist_indices[self._live]] = self._live_backup
+        weight.view(-1).index_copy_(0, self.mist_indices[self._live], self._live_backup)
         state_dict[key] = weight
 
     # ------------------------------------------------------------------------------ delta and merge
@@ -337,8 +339,8 @@ class MISTLayer(BaseTunerLayer):
         if not self.mist_selected.get(adapter_name):
             return delta.view_as(weight)
         idx = self.mist_indices[adapter_name]
-        base = flat[idx]
-        delta[idx] = effective_entries(base, self.mist_values[adapter_name].detach()) - base
+        base = flat.index_select(0, idx)
+        delta.index_copy_(0, idx, effective_entries(base, self.mist_values[adapter_name].detach()) - base)
         return delta.view_as(weight)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -355,11 +357,11 @@ class MISTLayer(BaseTunerLayer):
                 continue
             idx = self.mist_indices[name]
             flat = base.weight.data.view(-1)
-            merged = effective_entries(flat[idx], self.mist_values[name].detach())
+            merged = effective_entries(flat.index_select(0, idx), self.mist_values[name].detach())
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or infs detected in the merged weights; adapter '{name}' seems broken")
-            self.mist_backup[name] = flat[idx].clone()
-            flat[idx] = merged
+            self.mist_backup[name] = flat.index_select(0, idx)
+            flat.index_copy_(0, idx, merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -371,7 +373,7 @@ class MISTLayer(BaseTunerLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.mist_backup:
-                flat[self.mist_indices[name]] = self.mist_backup.pop(name)
+                flat.index_copy_(0, self.mist_indices[name], self.mist_backup.pop(name))
 
     def _compose_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         """W + deltas with an autograd path to the values (the reference path; Conv2d and Embedding use it)."""
@@ -380,7 +382,7 @@ class MISTLayer(BaseTunerLayer):
             values = self.mist_values[name]
             if values.requires_grad and torch.is_grad_enabled():
                 values = _KeepGrad.apply(values, kept, scale)
-            flat = flat.index_put((idx,), effective_entries(flat[idx], values))
+            flat = flat.index_copy(0, idx, effective_entries(flat.index_select(0, idx), values))
         return flat.view_as(weight)
 
     def _base_only(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
@@ -445,13 +447,13 @@ class _KeepGrad(torch.autograd.Function):
         if ctx.kept is None:
             return grad * ctx.scale, None, None
         out = torch.zeros_like(grad)
-        out[ctx.kept] = grad[ctx.kept] * _at(ctx.scale, ctx.kept)
+        out.index_copy_(0, ctx.kept, grad.index_select(0, ctx.kept) * _at(ctx.scale, ctx.kept))
         return out, None, None
 
 
 def _at(scale, positions: torch.Tensor):
     """A float scale, or a per-entry scale tensor read at `positions`."""
-    return scale[positions] if torch.is_tensor(scale) else scale
+    return scale.index_select(0, positions) if torch.is_tensor(scale) else scale
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -511,13 +513,13 @@ class _SparseDeltaLinear(torch.autograd.Function):
                 grad_values.append(None)
                 continue
             positions = torch.arange(idx.numel(), device=idx.device) if kept is None else kept
-            flat = idx[positions]
+            flat = idx.index_select(0, positions)
             if grad_w is not None:
-                dots = grad_w.reshape(-1)[flat]
+                dots = grad_w.reshape(-1).index_select(0, flat)
             else:
                 dots = _kept_weight_grad(gy2, x2, flat, tuple(weight.shape), fan)
             g = torch.zeros_like(v)
-            g[positions] = dots.to(v.dtype) * _at(scale, positions)
+            g.index_copy_(0, positions, dots.to(v.dtype) * _at(scale, positions))
             grad_values.append(g)
         return (grad_x, grad_w, grad_b, None, None, *grad_values, None)
 
@@ -525,7 +527,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
 def _compose(weight: torch.Tensor, meta: list, values) -> torch.Tensor:
     flat = weight.reshape(-1)
     for (idx, _, _), v in zip(meta, values, strict=True):
-        flat = flat.index_put((idx,), effective_entries(flat[idx], v))
+        flat = flat.index_copy(0, idx, effective_entries(flat.index_select(0, idx), v))
     return flat.view_as(weight)
 
 
@@ -545,7 +547,7 @@ def _kept_weight_grad(gy2: torch.Tensor, x2: torch.Tensor, flat: torch.Tensor, s
             pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(flat.numel(), dtype=left.dtype,
                                                                        device=left.device), shape)
             return torch.sparse.sampled_addmm(pattern, left.t().contiguous(), right, beta=0.0).values()
-    return (left.t() @ right).reshape(-1)[flat]
+    return (left.t() @ right).reshape(-1).index_select(0, flat)
 
 
 class _MISTModule(nn.Module, MISTLayer):

@@ -78,7 +78,7 @@ def _before_step(optimizer, args, kwargs) -> None:
         keep = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
         kept = layer.mist_kept.get(name)
         if selected and kept is not None and kept[0] == layer.mist_step:  # else no forward drew one: none moves
-            keep[kept[1]] = True
+            keep.index_fill_(0, kept[1], True)
         # Whole-tensor copies and one `where` are far cheaper than gathering ~90% of the entries.
         state = {k: v.clone() for k, v in optimizer.state.get(p, {}).items()
                  if torch.is_tensor(v) and v.shape == p.shape}
