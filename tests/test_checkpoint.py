@@ -226,6 +226,20 @@ def test_corrupted_index_stream(tmp_path):
         PeftModel.from_pretrained(tiny_bert(), path)
 
 
+def test_index_stream_that_wraps_around_int64_names_the_module(tmp_path):
+    from mist_peft.sparse_io import encode_indices
+
+    _, path, *_ = trained_adapter(tmp_path)
+
+    def wrap(t):
+        n = t[f"{QKEY}.mist_values"].numel()
+        t[f"{QKEY}.mist_indices"] = torch.cat([encode_indices(torch.tensor([2**62]))] * n)
+
+    _rewrite(path, wrap)
+    with pytest.raises(ValueError, match="corrupted at module .*query.*(overflow int64|out of range)"):
+        PeftModel.from_pretrained(tiny_bert(), path)
+
+
 def test_invalid_config_file(tmp_path):
     _, path, *_ = trained_adapter(tmp_path)
     cfg = json.loads((path / "adapter_config.json").read_text())
@@ -258,7 +272,7 @@ def test_interrupted_save_never_leaves_a_loadable_half_adapter(tmp_path, monkeyp
 
 
 def test_interrupted_move_leaves_no_config(tmp_path, monkeypatch):
-    from mist_peft import _peft_compat
+    from mist_peft import integration
 
     model, path, *_ = trained_adapter(tmp_path)
     real_replace = os.replace
@@ -268,7 +282,7 @@ def test_interrupted_move_leaves_no_config(tmp_path, monkeypatch):
             raise KeyboardInterrupt("interrupted before the config was moved into place")
         real_replace(src, dst)
 
-    monkeypatch.setattr(_peft_compat.os, "replace", replace)
+    monkeypatch.setattr(integration.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(path)
     assert not (path / "adapter_config.json").exists()

@@ -14,9 +14,9 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ._peft_compat import MIST_PREFIX
 from .config import MISTConfig
 from .layer import Conv2d, Embedding, Linear, MISTLayer
+from .names import MIST_PREFIX
 from .sparse_io import decode_indices, encode_indices
 
 _SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv2d and nn.Embedding"
@@ -147,7 +147,7 @@ def _install_checkpoint_entry(module_key: str, layer: MISTLayer, adapter_name: s
             "trained on."
         )
     try:
-        indices = decode_indices(parts["mist_indices"])
+        indices = decode_indices(parts["mist_indices"], tuple(weight.shape), parts["mist_values"].numel())
     except ValueError as err:
         raise ValueError(f"MIST checkpoint is corrupted at module '{module_key}': {err}. Re-save or re-download "
                          "the adapter.") from err
