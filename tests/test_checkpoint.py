@@ -377,3 +377,30 @@ def test_transformers_adapter_calls_on_a_loaded_mist_adapter(tmp_path):
     hf.delete_adapter("second")
     assert list(hf.peft_config) == ["default"] and torch.equal(_outputs(hf, inputs), out)
     assert all("second" not in m.mist_values for m in mist_layers(hf).values())
+
+
+def test_other_peft_types_take_transformers_own_loader(tmp_path):
+    from peft import LoraConfig
+
+    import mist_peft.integration
+
+    lora = get_peft_model(tiny_bert(), LoraConfig(target_modules=["query"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    inputs = tiny_inputs("bert")
+    expected = _outputs(lora.eval(), inputs)
+    calls = []
+    original = mist_peft.integration._original_load_adapter
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(mist_peft.integration, "_original_load_adapter", spy)
+    try:
+        hf = tiny_bert()
+        hf.load_adapter(str(tmp_path), adapter_kwargs={"subfolder": "lora"})
+    finally:
+        mp.undo()
+    assert calls == [str(tmp_path)]
+    assert torch.equal(_outputs(hf, inputs), expected)
