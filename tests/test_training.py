@@ -371,3 +371,21 @@ def test_mist_callback_on_a_plain_trainer_redraws_per_step_and_keeps_dropped_ent
     # In the last step only its kept half moved; the rest (with AdamW momentum and weight decay) did not.
     moved_last = sum(int((m.mist_values["default"] != seen[-1][n]).sum()) for n, m in layers.items())
     assert abs(moved_last / total - 0.5) < 0.05
+
+
+def test_head_file_round_trip_and_old_files_without_a_clock_warn(tmp_path):
+    from safetensors.torch import save_file
+
+    from mist_peft.training import load_head, save_head
+
+    model = _mist_model()
+    for m in adapter_layers(model, "default").values():
+        m.mist_step = 7
+    head = torch.nn.Linear(4, 2)
+    save_head(head, model, tmp_path / "h.safetensors")
+    fresh, other = torch.nn.Linear(4, 2), _mist_model()
+    load_head(fresh, other, tmp_path / "h.safetensors")
+    assert torch.equal(fresh.weight, head.weight) and all(m.mist_step == 7 for m in adapter_layers(other).values())
+    save_file({k: v.detach() for k, v in head.state_dict().items()}, tmp_path / "old.safetensors")
+    with pytest.warns(UserWarning, match="no dropout clock"):
+        load_head(torch.nn.Linear(4, 2), _mist_model(), tmp_path / "old.safetensors")

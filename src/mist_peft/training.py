@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -215,8 +216,13 @@ def load_head(head: nn.Module, model: nn.Module, path: str | os.PathLike) -> Non
     """Restore what `save_head` wrote: the head's weights (in place) and the dropout clock."""
     with safe_open(str(path), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
-        clock = json.loads((f.metadata() or {}).get("mist_steps", "{}"))
+        saved_clock = (f.metadata() or {}).get("mist_steps")
     head.load_state_dict(state)
+    if saved_clock is None:
+        warnings.warn(f"{path} holds no dropout clock (written by an older mist-peft): the gradient-dropout "
+                      "subsets restart from step 0, so the resumed run differs from an uninterrupted one.",
+                      stacklevel=2)
+    clock = json.loads(saved_clock or "{}")
     for name, layer in mist_layers(model).items():
         if name in clock:
             layer.mist_step = clock[name]
