@@ -385,7 +385,7 @@ def test_head_file_round_trip_and_old_files_without_a_clock_warn(tmp_path):
     save_head(head, model, tmp_path / "h.safetensors")
     fresh, other = torch.nn.Linear(4, 2), _mist_model()
     load_head(fresh, other, tmp_path / "h.safetensors")
-    assert torch.equal(fresh.weight, head.weight) and all(m.mist_step == 7 for m in adapter_layers(other).values())
+    assert torch.equal(fresh.weight, head.weight) and all(m.mist_step == 7 for m in adapter_layers(other, "default").values())
     save_file({k: v.detach() for k, v in head.state_dict().items()}, tmp_path / "old.safetensors")
     with pytest.warns(UserWarning, match="no dropout clock"):
         load_head(torch.nn.Linear(4, 2), _mist_model(), tmp_path / "old.safetensors")
