@@ -1,7 +1,8 @@
 """Fine-tune a text encoder with MIST (MI-Fisher selection + MI-loss tuning) and save the sparse adapter.
 
     python examples/train_mist.py                                   # packaged MiniLM on CLINC150
-    accelerate launch --cpu --num_processes 2 examples/train_mist.py --max-steps 20
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/train_mist.py --max-steps 20
+    accelerate launch --gradient_accumulation_steps 4 examples/train_mist.py   # steps count optimizer steps
     python examples/train_mist.py --data my.csv --model bert-base-uncased   # any table / Hub model
 
 Offline defaults: the all-MiniLM-L6-v2 packaged on PyPI and CLINC150 from ../shared/data/clinc150

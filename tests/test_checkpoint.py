@@ -226,6 +226,20 @@ def test_corrupted_index_stream(tmp_path):
         PeftModel.from_pretrained(tiny_bert(), path)
 
 
+def test_index_stream_that_wraps_around_int64_names_the_module(tmp_path):
+    from mist_peft.sparse_io import encode_indices
+
+    _, path, *_ = trained_adapter(tmp_path)
+
+    def wrap(t):
+        n = t[f"{QKEY}.mist_values"].numel()
+        t[f"{QKEY}.mist_indices"] = torch.cat([encode_indices(torch.tensor([2**62]))] * n)
+
+    _rewrite(path, wrap)
+    with pytest.raises(ValueError, match="corrupted at module .*query.*(overflow int64|out of range)"):
+        PeftModel.from_pretrained(tiny_bert(), path)
+
+
 def test_invalid_config_file(tmp_path):
     _, path, *_ = trained_adapter(tmp_path)
     cfg = json.loads((path / "adapter_config.json").read_text())
@@ -258,7 +272,7 @@ def test_interrupted_save_never_leaves_a_loadable_half_adapter(tmp_path, monkeyp
 
 
 def test_interrupted_move_leaves_no_config(tmp_path, monkeypatch):
-    from mist_peft import _peft_compat
+    from mist_peft import integration
 
     model, path, *_ = trained_adapter(tmp_path)
     real_replace = os.replace
@@ -268,7 +282,7 @@ def test_interrupted_move_leaves_no_config(tmp_path, monkeypatch):
             raise KeyboardInterrupt("interrupted before the config was moved into place")
         real_replace(src, dst)
 
-    monkeypatch.setattr(_peft_compat.os, "replace", replace)
+    monkeypatch.setattr(integration.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(path)
     assert not (path / "adapter_config.json").exists()
@@ -285,3 +299,108 @@ def test_interrupted_move_leaves_no_config(tmp_path, monkeypatch):
 def test_config_validation_names_field_value_and_range(field, value, hint):
     with pytest.raises(ValueError, match=rf"MISTConfig\.{field}=.*{value!r}.*invalid.*{hint}".replace("(", r"\(")):
         MISTConfig(**{field: value})
+
+
+# ------------------------------------------------------------------------------- transformers' integration
+def _outputs(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).last_hidden_state
+
+
+@pytest.mark.parametrize("how", ["adapter_kwargs", "top_level", "load_config"])
+def test_transformers_load_adapter_honours_subfolder_however_it_is_passed(tmp_path, how):
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    model, path, inputs, out = trained_adapter(tmp_path)
+    model.save_pretrained(tmp_path / "repo" / "sub")
+    options = {"adapter_kwargs": {"adapter_kwargs": {"subfolder": "sub"}},
+               "top_level": {"subfolder": "sub", "local_files_only": True, "token": "unused-for-local-files"},
+               "load_config": {"load_config": LoadStateDictConfig(download_kwargs={"subfolder": "sub"})}}[how]
+    hf = tiny_bert()
+    hf.load_adapter(str(tmp_path / "repo"), **options)
+    assert torch.equal(_outputs(hf, inputs), out)
+    assert options.get("load_config") is None or options["load_config"].download_kwargs == {"subfolder": "sub"}
+
+
+def test_from_pretrained_of_an_adapter_folder_decodes_mist(tmp_path):
+    from transformers import AutoModel
+
+    _, path, inputs, out = trained_adapter(tmp_path)
+    base_dir = tmp_path / "base"
+    tiny_bert().save_pretrained(base_dir)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base_dir)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    assert torch.equal(_outputs(AutoModel.from_pretrained(path).eval(), inputs), out)
+
+
+def test_a_mist_checkpoint_never_reaches_a_loader_that_cannot_decode_it(tmp_path):
+    _, path, inputs, out = trained_adapter(tmp_path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "density": 1.5}))
+    with pytest.raises(ValueError, match=r"MISTConfig\.density=1\.5 is invalid"):
+        tiny_bert().load_adapter(str(path))
+    with pytest.raises(TypeError, match="unexpected keyword arguments.*revison"):
+        tiny_bert().load_adapter(str(path), revison="main")
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    hf = tiny_bert()  # a config object and a state dict, as PEFT users pass them
+    hf.load_adapter(peft_config=PeftConfig.from_pretrained(path),
+                    adapter_state_dict=load_file(path / "adapter_model.safetensors"))
+    assert torch.equal(_outputs(hf, inputs), out)
+
+
+def test_transformers_adapter_calls_on_a_loaded_mist_adapter(tmp_path):
+    """Every call of transformers' PEFT integration: adapted, disabled = base, re-enabled, switched, deleted."""
+    model, path, inputs, out = trained_adapter(tmp_path)
+    base_out = _outputs(tiny_bert(), inputs)
+    hf = tiny_bert()
+    hf.load_adapter(str(path))
+    assert hf.active_adapters() == ["default"]
+    assert torch.equal(_outputs(hf, inputs), out) and not torch.equal(out, base_out)
+    hf.disable_adapters()
+    assert torch.equal(_outputs(hf, inputs), base_out)
+    hf.enable_adapters()
+    assert torch.equal(_outputs(hf, inputs), out)
+    saved = {k.removeprefix("base_model.model."): v for k, v in load_file(path / "adapter_model.safetensors").items()}
+    state = hf.get_adapter_state_dict()
+    assert set(state) == set(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
+    second = get_peft_model(tiny_bert(), MISTConfig(**{**CONFIG, "selection": "random"}))
+    with torch.no_grad():
+        for m in mist_layers(second).values():
+            m.mist_values["default"].normal_()
+    second.save_pretrained(tmp_path / "second")
+    second_out = _outputs(second.eval(), inputs)
+    hf.load_adapter(str(tmp_path / "second"), adapter_name="second")
+    hf.set_adapter("second")
+    assert hf.active_adapters() == ["second"] and torch.equal(_outputs(hf, inputs), second_out)
+    hf.set_adapter("default")
+    hf.delete_adapter("second")
+    assert list(hf.peft_config) == ["default"] and torch.equal(_outputs(hf, inputs), out)
+    assert all("second" not in m.mist_values for m in mist_layers(hf).values())
+
+
+def test_other_peft_types_take_transformers_own_loader(tmp_path):
+    from peft import LoraConfig
+
+    import mist_peft.integration
+
+    lora = get_peft_model(tiny_bert(), LoraConfig(target_modules=["query"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    inputs = tiny_inputs("bert")
+    expected = _outputs(lora.eval(), inputs)
+    calls = []
+    original = mist_peft.integration._original_load_adapter
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(mist_peft.integration, "_original_load_adapter", spy)
+    try:
+        hf = tiny_bert()
+        hf.load_adapter(str(tmp_path), adapter_kwargs={"subfolder": "lora"})
+    finally:
+        mp.undo()
+    assert calls == [str(tmp_path)]
+    assert torch.equal(_outputs(hf, inputs), expected)

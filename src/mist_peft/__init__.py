@@ -4,16 +4,16 @@ Importing this package registers the PEFT type "MIST" (prefix `mist_`), so `get_
 `PeftModel.from_pretrained`, `AutoPeftModel*` and transformers' `load_adapter` know it.
 """
 
-from ._peft_compat import MistPeftType, install_peft_model_wrappers, register
+from . import integration
+from ._peft_compat import MistPeftType, register
 from .config import MISTConfig
 from .layer import MISTLayer
-from .model import MISTModel, install_loading_guards
+from .model import MISTModel
 from .optim import attach_optimizer
 from .selection import install_selection, mist_layers, top_entries
 
 register(MISTConfig, MISTModel)
-install_peft_model_wrappers()
-install_loading_guards()
+integration.install()
 
 __version__ = "0.1.0"
 __all__ = [

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Any
 
 from huggingface_hub import HfApi, ModelCard
 
-from ._peft_compat import is_mist_config
+from .names import is_mist_config
 from .selection import mist_layers
 
 CARD_HEADING = "## MIST adapter"
@@ -56,16 +57,29 @@ def add_mist_model_card(model: Any, readme_path: str, extra_tags: list[str] | No
     card.save(readme_path)
 
 
-def push_to_hub(model: Any, repo_id: str, *, commit_message: str = "Upload MIST adapter",
+def push_to_hub(model: Any, repo_id: str, *, commit_message: str | None = None,
                 commit_description: str | None = None, private: bool | None = None, token: str | bool | None = None,
-                revision: str | None = None, create_pr: bool = False, tags: list[str] | None = None) -> Any:
-    """Upload the adapter folder `save_pretrained` writes (sparse weights, config, PEFT model card)."""
+                revision: str | None = None, create_pr: bool = False, max_shard_size: int | str | None = "50GB",
+                tags: list[str] | None = None, safe_serialization: bool = True, use_temp_dir: bool | None = None) -> Any:
+    """Upload the adapter folder `save_pretrained` writes (sparse weights, config, PEFT model card).
+
+    Takes the arguments of transformers' `push_to_hub`, plus `safe_serialization` (False writes
+    `adapter_model.bin`) and `use_temp_dir` (False saves into the local folder `./<repo name>` and keeps it).
+    A `revision` branch is created when it does not exist. PEFT writes an adapter as one file, so
+    `max_shard_size` has no effect on it (as with every PEFT adapter).
+    """
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
+    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True, repo_type="model").repo_id
+    with contextlib.ExitStack() as stack:
+        if use_temp_dir is False:
+            folder = repo_id.split("/")[-1]
+        else:
+            folder = stack.enter_context(tempfile.TemporaryDirectory())
+        model.save_pretrained(folder, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
         if tags:
             add_mist_model_card(model, os.path.join(folder, "README.md"), extra_tags=tags)
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                                 commit_description=commit_description, revision=revision, create_pr=create_pr,
-                                 repo_type="model")
+        if revision is not None and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id, branch=revision, token=token, exist_ok=True, repo_type="model")
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload MIST adapter",
+                                 commit_description=commit_description, token=token, revision=revision,
+                                 create_pr=create_pr, repo_type="model")

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 from collections.abc import Iterator
 
 import torch
-from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ._peft_compat import MIST_PREFIX
 from .config import MISTConfig
 from .layer import Conv2d, Embedding, Linear, MISTLayer
+from .names import MIST_PREFIX
 from .optim import install_optimizer_hooks
 from .selection import mist_layers, select_data_free
 from .sparse_io import decode_indices, encode_indices
@@ -40,24 +38,6 @@ def loading_checkpoint() -> Iterator[None]:
         yield
     finally:
         _LOADING.reset(token)
-
-
-def _while_loading(method):
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with loading_checkpoint():
-            return method(*args, **kwargs)
-
-    wrapper._mist_loading = True
-    return wrapper
-
-
-def install_loading_guards() -> None:
-    """PEFT gives a tuner no sign that a checkpoint is about to fill it, so its loading entry points run
-    inside `loading_checkpoint()` (it only sets a flag that MIST reads; other PEFT types are unaffected)."""
-    if not getattr(PeftModel.load_adapter, "_mist_loading", False):
-        PeftModel.load_adapter = _while_loading(PeftModel.load_adapter)
-        PeftModel.from_pretrained = classmethod(_while_loading(PeftModel.from_pretrained.__func__))
 
 
 class MISTModel(BaseTuner):
@@ -240,7 +220,7 @@ def _install_checkpoint_entry(module_key: str, layer: MISTLayer, adapter_name: s
             "trained on."
         )
     try:
-        indices = decode_indices(parts["mist_indices"])
+        indices = decode_indices(parts["mist_indices"], tuple(weight.shape), parts["mist_values"].numel())
     except ValueError as err:
         raise ValueError(f"MIST checkpoint is corrupted at module '{module_key}': {err}. Re-save or re-download "
                          "the adapter.") from err

@@ -7,7 +7,11 @@ log the MI loss and the share of selected entries that got a gradient in each st
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,9 +19,12 @@ from typing import Any, Literal
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from .encoders import FeatureEncoder
 from .objectives import MIObjective
@@ -61,8 +68,6 @@ def needs_selection(model: nn.Module, adapter_name: str) -> bool:
 
 def kept_digest(model: nn.Module, adapter_name: str) -> str:
     """Short hash of this step's kept subsets: equal on every process when the draws agree."""
-    import hashlib
-
     h = hashlib.sha256()
     for m in mist_layers(model, adapter_name).values():
         if adapter_name in m.mist_kept and m.mist_kept[adapter_name][1] is not None:
@@ -114,7 +119,9 @@ def train_mist(model: nn.Module, dataloader: Iterable, *, head: nn.Module | None
     """Select (if needed) and tune a MIST model with the MI loss; returns {"head", "history", "steps"}.
 
     Runs unchanged on one process or under `accelerate launch`: scores are summed across processes, the
-    dropout subset is drawn identically everywhere, and gradients are averaged by DDP.
+    dropout subset is drawn identically everywhere, and gradients are averaged by DDP. Honours the
+    accelerator's gradient accumulation: `max_steps`, the history and the dropout redraws count optimizer
+    steps, and each logged loss is the mean over the step's batches.
     """
     config = config or MISTTrainingConfig()
     accelerator = accelerator or default_accelerator()
@@ -137,22 +144,31 @@ def train_mist(model: nn.Module, dataloader: Iterable, *, head: nn.Module | None
     optimizer = make_optimizer(model, objective.head, config)
     wrapped, optimizer, loader = accelerator.prepare(objective, optimizer, dataloader)
     handles = attach_optimizer(optimizer, model)
-    steps_per_epoch = len(loader) if hasattr(loader, "__len__") else None
+    accumulation = accelerator.gradient_accumulation_steps
+    batches_per_epoch = len(loader) if hasattr(loader, "__len__") else None
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation) if batches_per_epoch else None
     total = config.max_steps or (steps_per_epoch * config.epochs if steps_per_epoch else None)
     history = []
     bar = tqdm(total=total, desc="MIST tuning", disable=not accelerator.is_local_main_process)
     wrapped.train()
-    step = 0
+    step = 0  # optimizer steps; with gradient accumulation, one per `accumulation` batches
+    losses: list[torch.Tensor] = []
     try:
         while total is None or step < total:
             for batch in loader:
-                loss = wrapped(batch)
-                accelerator.backward(loss)
-                share = kept_share(model, adapter)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                with accelerator.accumulate(wrapped):
+                    loss = wrapped(batch)
+                    accelerator.backward(loss)  # divided by the accumulation steps
+                    losses.append(loss.detach())
+                    if accelerator.sync_gradients:
+                        share = kept_share(model, adapter)
+                    optimizer.step()  # the inner optimizer (and MIST's hooks) only run at sync steps
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
                 step += 1
-                logged = accelerator.reduce(loss.detach(), "mean").item()
+                logged = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+                losses = []
                 history.append({"step": step, "mi_loss": logged, "kept_share": share,
                                 "kept_digest": kept_digest(model, adapter)})
                 accelerator.log({"mi_loss": logged, "kept_share": share}, step=step)
@@ -186,28 +202,85 @@ class MISTCallback(TrainerCallback):
         self.handles = []
 
 
+HEAD_FILE = "mist_head.safetensors"
+
+
+def save_head(head: nn.Module, model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the projection head and each MIST layer's dropout clock (optimizer steps taken)."""
+    clock = {name: m.mist_step for name, m in mist_layers(model).items()}
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(path),
+              metadata={"mist_steps": json.dumps(clock)})
+
+
+def load_head(head: nn.Module, model: nn.Module, path: str | os.PathLike) -> None:
+    """Restore what `save_head` wrote: the head's weights (in place) and the dropout clock."""
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        saved_clock = (f.metadata() or {}).get("mist_steps")
+    head.load_state_dict(state)
+    if saved_clock is None:
+        warnings.warn(f"{path} holds no dropout clock (written by an older mist-peft): the gradient-dropout "
+                      "subsets restart from step 0, so the resumed run differs from an uninterrupted one.",
+                      stacklevel=2)
+    clock = json.loads(saved_clock or "{}")
+    for name, layer in mist_layers(model).items():
+        if name in clock:
+            layer.mist_step = clock[name]
+
+
+class _ZeroHeadGrads(TrainerCallback):
+    """The Trainer zeroes the model's gradients after each optimizer step; the head lives outside the model."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.head.zero_grad(set_to_none=True)
+
+
 class MISTTrainer(Trainer):
     """`Trainer` that runs MIST: MI-Fisher selection before training, the MI loss, a projection head.
 
     Use it with your usual `TrainingArguments` (keep `remove_unused_columns=False` if your collator adds
-    fields the model does not take). Logs `mi_loss` (as `loss`) and `mist_kept_share`.
+    fields the model does not take). Logs `mi_loss` (as `loss`) and `mist_kept_share`. The MI loss is a
+    mean over the batch, so the Trainer divides it by the accumulation steps like any mean loss: logged loss,
+    update size and `max_grad_norm` do not depend on `gradient_accumulation_steps`. Checkpoints hold the head
+    and the dropout clock (`mist_head.safetensors`), so `train(resume_from_checkpoint=...)` continues the run.
     """
+
+    loss_is_scaled_for_ga = False  # a batch mean: the Trainer divides it by the accumulation steps
 
     def __init__(self, *args, mist_config: MISTTrainingConfig | None = None, head: nn.Module | None = None,
                  views=None, **kwargs) -> None:
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("MISTTrainer computes the MI loss itself; drop `compute_loss_func`, or use a plain "
+                             "Trainer with `MISTCallback` for your own loss.")
         super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # no `num_items_in_batch`: the MI loss is not a token sum
         self.mist_config = mist_config or MISTTrainingConfig(lr=self.args.learning_rate)
         self.objective = build_objective(self.model, self.mist_config, head, views).to(self.args.device)
         self.add_callback(MISTCallback())
+        self.add_callback(_ZeroHeadGrads(self.objective.head))
         self._kept_shares: list[float] = []
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         adapter = active_adapter(self.model)
-        if needs_selection(self.model, adapter):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint:
+            head_file = os.path.join(resume_from_checkpoint, HEAD_FILE)
+            if not os.path.isfile(head_file):
+                raise ValueError(f"{resume_from_checkpoint} has no {HEAD_FILE}: it was not written by MISTTrainer, "
+                                 "so the projection head its optimizer state belongs to is lost. Resume from a "
+                                 "MISTTrainer checkpoint, or start a new run.")
+            load_head(self.objective.head, self.model, head_file)  # the adapter itself is loaded by the Trainer
+        elif needs_selection(self.model, adapter):
             select_mi_fisher(self.model, self.objective, self.get_train_dataloader(), adapter_name=adapter,
                              accelerator=self.accelerator, max_batches=self.mist_config.max_score_batches)
             self.optimizer = None  # the values were re-created with their selected sizes
-        return super().train(*args, **kwargs)
+        return super().train(resume_from_checkpoint or None, *args, **kwargs)
 
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is None:
@@ -240,16 +313,11 @@ class MISTTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in self.objective.head.state_dict().items()},
-                      os.path.join(output_dir, "mist_head.safetensors"))
+            save_head(self.objective.head, self.model, os.path.join(output_dir, HEAD_FILE))
 
 
 def state_fingerprint(model: nn.Module) -> dict[str, str]:
     """SHA-256 of every MIST layer's indices and values: equal on all processes of a consistent run."""
-    import hashlib
-
     masks, values = hashlib.sha256(), hashlib.sha256()
     for name, m in sorted(mist_layers(model).items()):
         for adapter in sorted(m.mist_values):
