@@ -77,7 +77,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density", type=float, default=0.05)
     p.add_argument("--grad-drop", type=float, default=0.9)
     p.add_argument("--output-dir", type=Path, help="default: benchmarks/results/<device>/")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's). On a shared machine use 1:"
+                   " threads spin-waiting for their siblings inflate process CPU time unevenly across methods")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. 'shared machine')")
+
+
+def configure(args: argparse.Namespace) -> None:
+    """Apply the process-wide options; every script calls this right after parsing."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def specs_from_args(args: argparse.Namespace) -> list[ModelSpec]:

@@ -74,8 +74,9 @@ def measure(spec: common.ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = common.header("Inference: unmerged / merged MIST vs base forward", results["env"], args)
-    lines += [f"eval + no_grad forward, median of {args.steps}, interleaved; MIST trained {args.train_steps} steps "
-              "first. Max abs diff against an independently built base + delta.", ""]
+    basis = "process CPU time" if args.device == "cpu" else "wall time"
+    lines += [f"eval + no_grad forward, median {basis} of {args.steps}, interleaved; MIST trained {args.train_steps} "
+              "steps first. Max abs diff against an independently built base + delta.", ""]
     rows = []
     for r in results["models"]:
         t = {k: r["times"][k].get(r["basis"]) for k in ("base", "unmerged", "merged")}
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=5, help="timed forwards per model")
     p.add_argument("--train-steps", type=int, default=3, help="MIST steps before measuring")
     args = p.parse_args(argv)
+    common.configure(args)
     device = torch.device(args.device)
     results = {"env": common.environment(device, args.note), "args": {**vars(args), "output_dir": None},
                "models": [measure(spec, args) for spec in common.specs_from_args(args)]}

@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    common.configure(args)
     if args.worker:
         spec, method = json.loads(args.worker)
         spec.pop("description")

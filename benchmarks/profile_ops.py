@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--profile-steps", type=int, default=3, help="profiled steps per method")
     p.add_argument("--rows", type=int, default=15, help="ops listed per table")
     args = p.parse_args(argv)
+    common.configure(args)
     device = torch.device(args.device)
     results = {"env": common.environment(device, args.note), "args": {**vars(args), "output_dir": None},
                "models": [measure(spec, args) for spec in common.specs_from_args(args)]}

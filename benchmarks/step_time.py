@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=5, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per method (Adam state appears here)")
     args = p.parse_args(argv)
+    common.configure(args)
     device = torch.device(args.device)
     results = {"env": common.environment(device, args.note), "args": {**vars(args), "output_dir": None},
                "models": [measure(spec, args) for spec in common.specs_from_args(args)]}
