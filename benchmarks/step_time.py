@@ -50,6 +50,9 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
                      f"r={ms['lora'].get('rank')}"])
     lines += common.md_table(["model", "MIST ms (CPU / wall)", "LoRA ms", "full ms", "MIST/LoRA (CPU / wall)",
                               "MIST/full (CPU / wall)", "LoRA"], rows)
+    t = common.TARGETS[args.device]
+    lines += [f"issue 8 targets ({args.device}): MIST/LoRA <= {t['step_vs_lora']}x, MIST/full <= {t['step_vs_full']}x.",
+              ""]
     errors = [f"- {r['spec']['kind']} {m}: {r['methods'][m]['error']}" for r in results["models"]
               for m in common.METHODS if "error" in r["methods"][m]]
     return "\n".join(lines + errors)
