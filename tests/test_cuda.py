@@ -1,4 +1,4 @@
-"""CUDA paths (device generators, SDDMM on GPU, bf16 bases); skipped where no GPU is present, as in CI."""
+"""CUDA paths (device generators, SDDMM on GPU, bf16 bases, autocast, host syncs); skipped without a GPU, as in CI."""
 
 import pytest
 import torch
@@ -17,6 +17,26 @@ CUDA = torch.device("cuda")
 
 def on_cuda(inputs):
     return {k: v.to(CUDA) for k, v in inputs.items()}
+
+
+def mist_bert(dtype=torch.float32, grad_drop=0.9):
+    """A tiny BERT with MIST on every attention and feed-forward Linear, its AdamW (strict sparsity) and layers."""
+    model = get_peft_model(tiny_bert().to(CUDA, dtype), MISTConfig(target_modules=["query", "value", "dense"],
+                                                                   selection="magnitude", density=0.3,
+                                                                   grad_drop=grad_drop))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    mist_peft.attach_optimizer(opt, model)
+    return model.train(), opt, adapter_layers(model, "default")
+
+
+def assert_moved_only_kept(layers, before, kept):
+    """Strict sparsity after one step: only kept entries moved, and some did."""
+    moved = 0
+    for n, m in layers.items():
+        changed = torch.nonzero(m.mist_values["default"].detach() != before[n]).reshape(-1)
+        assert torch.isin(changed, kept[n]).all(), n
+        moved += changed.numel()
+    assert moved > 0
 
 
 def test_training_is_strictly_sparse_and_round_trips_on_cuda(tmp_path):
@@ -74,3 +94,84 @@ def test_mi_fisher_selection_on_cuda():
     chosen = select_mi_fisher(model, MIObjective(FeatureEncoder(model)).to(CUDA), batches)
     for name, layer in adapter_layers(model, "default").items():
         assert layer.mist_values["default"].numel() == chosen[name].numel() == round(0.1 * 32 * 32)
+
+
+@pytest.mark.xfail(strict=False, reason="issue 8: sync-free engine pending")
+def test_training_step_does_not_sync_the_host():
+    model, opt, layers = mist_bert()
+    inputs = on_cuda(tiny_inputs("bert"))  # host-to-device copies sync; done before the checked step
+
+    def step():
+        model(**inputs).last_hidden_state.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()  # one-time set-up (optimizer state) is not part of the check
+    before = {n: m.mist_values["default"].detach().clone() for n, m in layers.items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert any(not torch.equal(m.mist_values["default"].detach(), before[n]) for n, m in layers.items())
+
+
+@pytest.mark.xfail(strict=False, reason="issue 8 / autocast fix pending: the sparse Linear backward multiplies "
+                                        "autocast's bf16 output gradient with the fp32 weight")
+def test_bf16_autocast_training_step_is_strictly_sparse():
+    model, opt, layers = mist_bert()
+    inputs = on_cuda(tiny_inputs("bert"))
+    before = {n: m.mist_values["default"].detach().clone() for n, m in layers.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**inputs).last_hidden_state.float().pow(2).mean()
+    loss.backward()
+    kept = {n: m.kept_positions("default") for n, m in layers.items()}
+    assert all(m.mist_values["default"].grad.dtype == torch.float32 for m in layers.values())
+    opt.step()
+    assert torch.isfinite(loss)
+    assert_moved_only_kept(layers, before, kept)
+
+
+@pytest.mark.xfail(strict=False, reason="issue 8 / autocast fix pending: the sparse Linear backward multiplies "
+                                        "autocast's fp16 output gradient with the fp32 weight")
+def test_fp16_autocast_with_grad_scaler_is_strictly_sparse():
+    model, opt, layers = mist_bert()
+    inputs = on_cuda(tiny_inputs("bert"))
+    scaler = torch.amp.GradScaler("cuda")
+    before = {n: m.mist_values["default"].detach().clone() for n, m in layers.items()}
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = model(**inputs).last_hidden_state.float().pow(2).mean()
+    scaler.scale(loss).backward()
+    kept = {n: m.kept_positions("default") for n, m in layers.items()}
+    scale = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == scale  # no inf/NaN gradient: the step was taken, not skipped
+    assert_moved_only_kept(layers, before, kept)
+
+
+def test_bf16_base_merged_equals_unmerged_and_base_comes_back_bit_exact():
+    base = tiny_bert().to(CUDA, torch.bfloat16)
+    inputs = on_cuda(tiny_inputs("bert"))
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    with torch.no_grad():
+        base_out = base(**inputs).last_hidden_state.clone()
+    model, opt, layers = mist_bert(torch.bfloat16, grad_drop=0.5)
+    for _ in range(2):
+        model(**inputs).last_hidden_state.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(**inputs).last_hidden_state
+        assert not torch.equal(unmerged, base_out)  # the trained delta is there
+        with model.disable_adapter():
+            assert torch.equal(model(**inputs).last_hidden_state, base_out)
+        model.merge_adapter()
+        assert torch.equal(model(**inputs).last_hidden_state, unmerged)
+        model.unmerge_adapter()
+        assert torch.equal(model(**inputs).last_hidden_state, unmerged)
+    restored = dict(model.unload().named_parameters())
+    assert restored.keys() == original.keys()
+    assert all(torch.equal(restored[n], original[n]) for n in original)
