@@ -117,8 +117,6 @@ def test_training_step_does_not_sync_the_host():
     assert any(not torch.equal(m.mist_values["default"].detach(), before[n]) for n, m in layers.items())
 
 
-@pytest.mark.xfail(strict=False, reason="issue 8 / autocast fix pending: the sparse Linear backward multiplies "
-                                        "autocast's bf16 output gradient with the fp32 weight")
 def test_bf16_autocast_training_step_is_strictly_sparse():
     model, opt, layers = mist_bert()
     inputs = on_cuda(tiny_inputs("bert"))
@@ -133,8 +131,6 @@ def test_bf16_autocast_training_step_is_strictly_sparse():
     assert_moved_only_kept(layers, before, kept)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 8 / autocast fix pending: the sparse Linear backward multiplies "
-                                        "autocast's fp16 output gradient with the fp32 weight")
 def test_fp16_autocast_with_grad_scaler_is_strictly_sparse():
     model, opt, layers = mist_bert()
     inputs = on_cuda(tiny_inputs("bert"))
