@@ -247,6 +247,7 @@ def test_stock_trainer_with_a_classification_loss_needs_no_callback(tmp_path):
                              learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, logging_steps=50)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[probe]).train()
     assert probe.probe.steps == 12
+    print(f"Trainer: share of selected entries ever updated after 12 steps {probe.probe.ever_share():.3f}")
     assert abs(probe.probe.ever_share() - (1 - 0.9**12)) < 0.06, probe.probe.ever_share()
     assert_save_reload_merge_identical(model, make_base, tmp_path, {"input_ids": data[0]["input_ids"][None]})
 
@@ -288,6 +289,7 @@ def test_trl_sft_trainer_trains_the_selected_entries_with_redraws(tmp_path, sele
     values = torch.cat([m.mist_values["default"].detach() for m in layers.values()])
     tuned_steps = 10 - (2 if selection == "fisher" else 0)
     share = float((values != 0).float().mean())
+    print(f"TRL {selection} bf16={bf16}: ever updated after {tuned_steps} tuning steps {share:.3f}")
     assert abs(share - (1 - 0.9**tuned_steps)) < 0.06, share  # redrawn every step, not a frozen 10%
     inputs = {"input_ids": torch.randint(0, 110, (2, 8))}
     model.eval()

@@ -596,8 +596,10 @@ def test_global_granularity_empty_layer_holds_no_trainable_parameter():
 def ddp_worker(out_dir: str) -> None:
     """One process of the DDP run: Accelerate's defaults (find_unused_parameters=False), 3 AdamW steps."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     torch.set_num_threads(1)
+    AcceleratorState._reset_state(reset_partial_state=True)  # the forked child inherits the parent's singleton
     accelerator = Accelerator()
     model = get_peft_model(mlp_with_a_quiet_layer(), MISTConfig(**GLOBAL_EMPTY))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

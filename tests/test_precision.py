@@ -74,8 +74,11 @@ def test_fp16_grad_scaler_skips_overflow_steps_without_touching_mist_state():
 
 def test_train_mist_runs_under_accelerate_bf16_mixed_precision():
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from mist_peft.training import MISTTrainingConfig, train_mist
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests fixed fp32 in the process singleton
 
     model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query", "value"]))
     g = torch.Generator().manual_seed(0)
@@ -83,6 +86,7 @@ def test_train_mist_runs_under_accelerate_bf16_mixed_precision():
                for _ in range(3)]
     result = train_mist(model, batches, config=MISTTrainingConfig(max_steps=2, max_score_batches=2),
                         accelerator=Accelerator(mixed_precision="bf16", cpu=True))
+    AcceleratorState._reset_state(reset_partial_state=True)
     assert result["steps"] == 2 and is_selected(model, "default")
     assert any(bool((m.mist_values["default"] != 0).any()) for m in mist_layers(model).values())
 

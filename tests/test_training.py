@@ -68,6 +68,7 @@ def test_mi_loss_falls_on_clinc150_with_packaged_minilm(clinc_minilm):
     assert abs(sum(shares) / len(shares) - 0.1) < 0.005  # 1 - grad_drop of ~530k selected entries
     # entries outside the mask are bit-identical to the base
     for name, layer in adapter_layers(model, "default").items():
+        layer.restore_base_weight()  # the in-place engine holds W + delta in the base weight while training
         weight = layer.get_base_layer().weight
         assert torch.equal(weight, snapshot[name])
         effective = weight + layer.get_delta_weight("default")
@@ -118,6 +119,7 @@ def test_trainer_integration_selects_tunes_logs_and_saves(tmp_path):
     assert logs and all(abs(entry["mist_kept_share"] - 0.5) < 0.1 for entry in logs)
     for name, layer in adapter_layers(model, "default").items():
         weight = snapshot[name + ".weight"]
+        layer.restore_base_weight()  # the in-place engine holds W + delta in the base weight while training
         assert torch.equal(layer.get_base_layer().weight, weight)
         assert layer.mist_values["default"].numel() == round(0.2 * weight.numel())
         assert int((layer.mist_values["default"] != 0).sum()) > 0
@@ -251,6 +253,7 @@ def test_train_mist_on_synthetic_data_selects_tunes_and_keeps_the_rest():
     assert len({h["kept_digest"] for h in result["history"]}) == 30  # a new subset every step
     for name, layer in adapter_layers(model, "default").items():
         assert layer.mist_values["default"].numel() == round(0.1 * base[name].numel())  # MI-Fisher selected
+        layer.restore_base_weight()  # the in-place engine holds W + delta in the base weight while training
         assert torch.equal(layer.get_base_layer().weight, base[name])
         effective = base[name] + layer.get_delta_weight("default")
         outside = torch.ones(base[name].numel(), dtype=torch.bool)
