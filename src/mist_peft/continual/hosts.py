@@ -2,10 +2,14 @@
 
 Both hosts see each task's training features once, keep no examples, and predict over every class seen so far:
 
-- :class:`SimpleCIL`: one prototype (mean feature) per class, cosine-similarity prediction. Prototypes of old
-  classes are never recomputed, as in the MIST reference (spec §3.9).
+- :class:`SimpleCIL`: one prototype (mean feature) per class, cosine-similarity prediction (spec §3.9).
 - :class:`RanPAC`: a fixed random ReLU projection, then a ridge-regression head from Gram statistics accumulated
   over tasks (spec §3.10).
+
+When the backbone moves between tasks (MIST before every task), old-class statistics were computed with an older
+backbone. :func:`fit_drift` estimates the drift from the current task's paired features (before/after adapting,
+same inputs, same transform) and both hosts' ``compensate`` carry their old statistics forward with it. The
+reference never does this (its old prototypes and Gram statistics go stale, spec A7).
 
 Labels are non-negative integers used as class ids; they need not be contiguous or arrive in order.
 """
@@ -13,14 +17,121 @@ Labels are non-negative integers used as class ids; they need not be contiguous 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SimpleCIL", "RanPAC", "RIDGE_GRID"]
+__all__ = ["SimpleCIL", "RanPAC", "RIDGE_GRID", "DriftMap", "fit_drift", "DRIFT_MODES"]
 
 RIDGE_GRID: tuple[float, ...] = tuple(10.0**k for k in range(-8, 9))
 """Candidate ridge penalties 10^-8 .. 10^8, as in RanPAC."""
+
+DRIFT_MODES: tuple[str, ...] = ("none", "linear", "sdc")
+"""Drift compensation of old-class statistics: none (the reference), an affine map, or SDC translations."""
+
+SHRINK_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, float("inf"))
+"""Ridge strengths of the affine map, relative to the mean eigenvalue of the centred feature Gram; ``inf``
+leaves only the mean translation."""
+
+SDC_WIDTHS: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
+"""SDC kernel widths sigma^2, relative to the median squared distance of the old features to their class mean."""
+
+
+@dataclass
+class DriftMap:
+    """Where a feature computed with the old backbone lands with the new one: ``f1 = f0 @ matrix + shift``.
+
+    ``matrix`` is ``[H, H]`` (identity when None). ``shift`` is one ``[H]`` vector for every class (the affine
+    map) or, for SDC, a dict ``class id -> [H]`` of per-class translations. ``choice`` records the setting
+    chosen on pseudo-old classes and ``errors`` its validation error per candidate.
+    """
+
+    matrix: torch.Tensor | None
+    shift: torch.Tensor | dict[int, torch.Tensor]
+    mode: str = "linear"
+    choice: float | None = None
+    errors: dict[str, float] = field(default_factory=dict)
+
+    def points(self, x: torch.Tensor, class_id: int) -> torch.Tensor:
+        """Map rows ``x`` (features of class ``class_id`` under the old backbone)."""
+        x = x.double()
+        out = x if self.matrix is None else x @ self.matrix
+        shift = self.shift[class_id] if isinstance(self.shift, dict) else self.shift
+        return out + shift
+
+    def covariance(self, cov: torch.Tensor) -> torch.Tensor:
+        """``M^T cov M``: the covariance of the mapped features (translations leave it unchanged)."""
+        return cov if self.matrix is None else self.matrix.T @ cov.double() @ self.matrix
+
+
+def _affine(f0: torch.Tensor, f1: torch.Tensor, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge-to-identity affine map ``f1 ~ f0 (I + D) + b``: ``D = (X^T X + lam I)^-1 X^T (Y - X)`` on centred
+    features, ``lam = shrink * tr(X^T X) / H``. Shrinking to the identity (not to 0) keeps the directions the
+    current task does not span where they were."""
+    m0, m1 = f0.mean(0), f1.mean(0)
+    dim = f0.shape[1]
+    if shrink == float("inf"):
+        matrix = torch.eye(dim, dtype=torch.float64)
+    else:
+        x, y = f0 - m0, f1 - m1
+        gram = x.T @ x
+        lam = shrink * float(torch.trace(gram)) / dim + 1e-12
+        delta = torch.linalg.solve(gram + lam * torch.eye(dim, dtype=torch.float64), x.T @ (y - x))
+        matrix = torch.eye(dim, dtype=torch.float64) + delta
+    return matrix, m1 - m0 @ matrix
+
+
+def _sdc_shift(f0: torch.Tensor, f1: torch.Tensor, centre: torch.Tensor, width: float) -> torch.Tensor:
+    """Yu et al.'s SDC: the mean drift of the pairs, weighted by a Gaussian kernel around the old prototype."""
+    d2 = ((f0 - centre) ** 2).sum(1)
+    w = torch.softmax(-d2 / (2 * width), dim=0)
+    return w @ (f1 - f0)
+
+
+def fit_drift(f0: torch.Tensor, f1: torch.Tensor, labels: torch.Tensor, mode: str = "linear",
+              old_means: dict[int, torch.Tensor] | None = None) -> DriftMap:
+    """Estimate the backbone's drift from paired features of the current task (rows i of ``f0`` and ``f1`` are
+    the same input before and after adapting).
+
+    The one setting (the affine map's shrinkage, SDC's kernel width) is chosen without old data: each class of
+    the current task in turn plays an old class, the drift is fitted on the other classes' pairs, and the
+    setting whose predicted class mean lands nearest the true one (squared error summed over held-out classes)
+    wins. ``old_means`` (class id -> prototype under the old backbone) is needed by SDC, whose shifts are per class.
+    """
+    if mode not in DRIFT_MODES or mode == "none":
+        raise ValueError(f"fit_drift mode={mode!r} is invalid: use 'linear' or 'sdc'.")
+    f0, f1 = torch.as_tensor(f0).double(), torch.as_tensor(f1).double()
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if f0.shape != f1.shape or f0.shape[0] != labels.shape[0]:
+        raise ValueError(f"fit_drift needs paired features: got {tuple(f0.shape)}, {tuple(f1.shape)} and "
+                         f"{labels.shape[0]} labels.")
+    classes = torch.unique(labels).tolist()
+    grid = SHRINK_GRID if mode == "linear" else SDC_WIDTHS
+    scale = 1.0
+    if mode == "sdc":
+        means = torch.stack([f0[labels == c].mean(0) for c in classes])
+        spread = ((f0 - means[torch.searchsorted(torch.tensor(classes), labels)]) ** 2).sum(1)
+        scale = float(spread.median()) + 1e-12
+    errors = {}
+    for setting in grid:
+        err = 0.0
+        for held in classes if len(classes) > 1 else []:
+            rest, out = labels != held, labels == held
+            mu0, mu1 = f0[out].mean(0), f1[out].mean(0)
+            if mode == "linear":
+                matrix, shift = _affine(f0[rest], f1[rest], setting)
+                guess = mu0 @ matrix + shift
+            else:
+                guess = mu0 + _sdc_shift(f0[rest], f1[rest], mu0, setting * scale)
+            err += float(((guess - mu1) ** 2).sum())
+        errors[str(setting)] = err
+    best = min(grid, key=lambda s: errors[str(s)])
+    if mode == "linear":
+        matrix, shift = _affine(f0, f1, best)
+        return DriftMap(matrix, shift, "linear", best, errors)
+    shifts = {int(c): _sdc_shift(f0, f1, m.double(), best * scale) for c, m in (old_means or {}).items()}
+    return DriftMap(None, shifts, "sdc", best, errors)
 
 
 def _as_inputs(
@@ -69,6 +180,15 @@ class SimpleCIL:
             self.classes = torch.cat([self.classes, torch.tensor(new, dtype=torch.long)])
         return new
 
+    def means(self) -> dict[int, torch.Tensor]:
+        """Prototype of every seen class, by class id."""
+        return {int(c): p for c, p in zip(self.classes.tolist(), self.prototypes, strict=True)}
+
+    def compensate(self, drift: DriftMap) -> None:
+        """Move every stored prototype to where ``drift`` says its class's features went."""
+        if self.classes.numel():
+            self.prototypes = torch.stack([drift.points(p[None], c)[0] for c, p in self.means().items()]).float()
+
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """Cosine similarity ``[N, C]`` between features and prototypes (columns follow ``seen_classes``)."""
         if not self.classes.numel():
@@ -91,6 +211,13 @@ class RanPAC:
     before that split, as the reference's shuffled loader does, so class-sorted inputs still give a fair split.
 
     Memory: G is ``8 * M^2`` bytes (0.8 GB for the reference ``M = 10000``, 32 MB for ``M = 2000``).
+
+    Drift compensation (:meth:`compensate`): G and Q are sums over ReLU-projected features, which no map of G
+    itself can update. So the host also keeps, per class, the count, sum and second moment of the raw ``[H]``
+    features (``4 H^2`` bytes per class, 0.6 MB at H = 384). To move class c it draws ``samples`` Gaussian
+    features from its mean and covariance, maps the same draws with the drift, and adds the difference of their
+    projected statistics to G and Q (paired draws: the Gaussian model's own error cancels to first order, and a
+    map equal to the identity changes nothing). The current task always enters exactly.
     """
 
     def __init__(
@@ -110,6 +237,7 @@ class RanPAC:
         self.w_out: torch.Tensor | None = None  # W_o [M, C] float64
         self._seen: list[int] = []
         self.num_tasks = 0
+        self.class_stats: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}  # c -> (n, sum, second moment)
 
     @property
     def seen_classes(self) -> list[int]:
@@ -166,10 +294,41 @@ class RanPAC:
         self.ridge = self._choose_ridge(projected, onehot)
         self.gram += projected.T @ projected
         self.targets += projected.T @ onehot
+        for c in torch.unique(labels).tolist():
+            rows = features[labels == c].double()
+            n, total, second = self.class_stats.get(c, (0.0, 0.0, 0.0))
+            self.class_stats[c] = (n + rows.shape[0], total + rows.sum(0), second + (rows.T @ rows).float())
         self._seen += [c for c in torch.unique(labels).tolist() if c not in self._seen]
         self.w_out = self._ridge_solve(self.gram, self.targets, self.ridge)
         self.num_tasks += 1
         return self.ridge
+
+    def means(self) -> dict[int, torch.Tensor]:
+        """Mean raw feature of every seen class, by class id."""
+        return {c: total / n for c, (n, total, _) in self.class_stats.items()}
+
+    def compensate(self, drift: DriftMap, samples: int = 128) -> None:
+        """Carry G, Q and the per-class moments of every stored class forward through ``drift``; re-solve W_o."""
+        if self.w_out is None:
+            return
+        generator = torch.Generator().manual_seed(self.seed + 7919 * (self.num_tasks + 1))
+        for c, (n, total, second) in list(self.class_stats.items()):
+            mean = total / n
+            cov = second.double() / n - torch.outer(mean, mean)
+            values, vectors = torch.linalg.eigh((cov + cov.T) / 2)
+            factor = vectors * values.clamp_min(0).sqrt()
+            x = mean + torch.randn(samples, mean.shape[0], generator=generator, dtype=torch.float64) @ factor.T
+            moved = drift.points(x, c)
+            before = torch.relu(x.float() @ self.w_rand)
+            after = torch.relu(moved.float() @ self.w_rand)
+            change = after - before
+            weight = n / samples
+            self.gram += weight * (change.T @ after + before.T @ change).double()
+            self.targets[:, c] += weight * change.sum(0).double()
+            new_mean = drift.points(mean[None], c)[0]
+            new_cov = drift.covariance(cov)
+            self.class_stats[c] = (n, n * new_mean, (n * (new_cov + torch.outer(new_mean, new_mean))).float())
+        self.w_out = self._ridge_solve(self.gram, self.targets, self.ridge)
 
     def scores(self, features: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Ridge outputs ``[N, C]`` for the seen classes (columns follow ``seen_classes``)."""
