@@ -98,3 +98,19 @@ def test_default_task_count_keeps_two_classes_per_task(capsys):
     ten = datasets.DatasetDict(train=datasets.Dataset.from_dict({"label": list(range(10))}),
                                test=datasets.Dataset.from_dict({"label": list(range(10))}))
     assert len(make_tasks(ten, args)) == 5
+
+
+def test_select_on_validation_reports_the_recipe_it_chose(tmp_path):
+    from mist_peft.cli import RECIPES
+
+    out = tmp_path / "select"
+    code = main(["continual", "--tasks", "2", "--train-per-class", "10", "--test-per-class", "4",
+                 "--steps-per-task", "1", "--score-batches", "1", "--batch-size", "8", "--host", "simplecil",
+                 "--select-on-validation", "--output-dir", str(out)])
+    assert code == 0
+    config = json.loads((out / "results.json").read_text())["config"]
+    trials = config["recipe_selection"]["trials"]
+    assert [{k: t[k] for k in RECIPES[0]} for t in trials] == list(RECIPES)
+    best = max(trials, key=lambda t: t["validation_avg_acc"])
+    assert config["recipe_selection"]["chosen"] == {k: best[k] for k in RECIPES[0]}
+    assert (config["optimizer"], config["lr"], config["adapt"]) == (best["optimizer"], best["lr"], best["adapt"])

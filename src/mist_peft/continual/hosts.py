@@ -272,15 +272,24 @@ class RanPAC:
             raise ValueError(f"RanPAC needs at least 2 training rows per task to choose the ridge, got {n}.")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 1 + self.num_tasks))
         fit, val = order[:cut], order[cut:]
-        gram, rhs = projected[fit].T @ projected[fit], projected[fit].T @ onehot[fit]
-        errors = [
-            torch.mean((projected[val] @ self._ridge_solve(gram, rhs, ridge) - onehot[val]) ** 2).item()
-            for ridge in self.ridges
-        ]
+        # One eigendecomposition serves every candidate: (P^T P + l I)^-1 P^T Y = P^T (P P^T + l I)^-1 Y, so
+        # with fewer rows than features the n x n kernel is decomposed instead of the M x M Gram.
+        p_fit, y_fit = projected[fit], onehot[fit]
+        if cut < self.projection_dim:
+            values, vectors = torch.linalg.eigh(p_fit @ p_fit.T)
+            cross, rhs = projected[val] @ p_fit.T @ vectors, vectors.T @ y_fit
+        else:
+            values, vectors = torch.linalg.eigh(p_fit.T @ p_fit)
+            cross, rhs = projected[val] @ vectors, vectors.T @ (p_fit.T @ y_fit)
+        values = values.clamp_min(0)
+        errors = [torch.mean((cross @ (rhs / (values + ridge)[:, None]) - onehot[val]) ** 2).item()
+                  for ridge in self.ridges]
         return self.ridges[min(range(len(errors)), key=errors.__getitem__)]
 
-    def fit_task(self, features: torch.Tensor, labels: torch.Tensor) -> float:
-        """Accumulate one task's statistics, re-choose the ridge and re-solve the head; return the ridge."""
+    def fit_task(self, features: torch.Tensor, labels: torch.Tensor, solve: bool = True) -> float | None:
+        """Accumulate one task's statistics, re-choose the ridge and re-solve the head; return the ridge.
+
+        ``solve=False`` only accumulates (for a caller that feeds several tasks before predicting)."""
         features, labels = _as_inputs(features, labels)
         projected = self.project(features)
         num_columns = max(int(labels.max()) + 1, 0 if self.targets is None else self.targets.shape[1])
@@ -291,7 +300,8 @@ class RanPAC:
         if self.targets.shape[1] < num_columns:
             grow = torch.zeros(self.projection_dim, num_columns - self.targets.shape[1], dtype=torch.float64)
             self.targets = torch.cat([self.targets, grow], dim=1)
-        self.ridge = self._choose_ridge(projected, onehot)
+        if solve:
+            self.ridge = self._choose_ridge(projected, onehot)
         self.gram += projected.T @ projected
         self.targets += projected.T @ onehot
         for c in torch.unique(labels).tolist():
@@ -299,8 +309,10 @@ class RanPAC:
             n, total, second = self.class_stats.get(c, (0.0, 0.0, 0.0))
             self.class_stats[c] = (n + rows.shape[0], total + rows.sum(0), second + (rows.T @ rows).float())
         self._seen += [c for c in torch.unique(labels).tolist() if c not in self._seen]
-        self.w_out = self._ridge_solve(self.gram, self.targets, self.ridge)
         self.num_tasks += 1
+        if not solve:
+            return None
+        self.w_out = self._ridge_solve(self.gram, self.targets, self.ridge)
         return self.ridge
 
     def means(self) -> dict[int, torch.Tensor]:
