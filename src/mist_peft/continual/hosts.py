@@ -214,10 +214,12 @@ class RanPAC:
 
     Drift compensation (:meth:`compensate`): G and Q are sums over ReLU-projected features, which no map of G
     itself can update. So the host also keeps, per class, the count, sum and second moment of the raw ``[H]``
-    features (``4 H^2`` bytes per class, 0.6 MB at H = 384). To move class c it draws ``samples`` Gaussian
-    features from its mean and covariance, maps the same draws with the drift, and adds the difference of their
-    projected statistics to G and Q (paired draws: the Gaussian model's own error cancels to first order, and a
-    map equal to the identity changes nothing). The current task always enters exactly.
+    features (``4 H^2`` bytes per class, 0.6 MB at H = 384). At each compensation it maps every stored class's
+    mean and covariance with the drift and rebuilds that class's share of G and Q from ``samples`` Gaussian draws
+    pushed through the fixed projection (as SLCA and AdaGauss re-synthesise features), so G stays positive
+    semi-definite. The current task always enters exactly. (A first version added only the *difference* of
+    mapped and unmapped draws to the exact G: it made G indefinite, because the draws span more directions
+    than a class's few real features, and the ridge head collapsed.)
     """
 
     def __init__(
@@ -319,27 +321,24 @@ class RanPAC:
         """Mean raw feature of every seen class, by class id."""
         return {c: total / n for c, (n, total, _) in self.class_stats.items()}
 
-    def compensate(self, drift: DriftMap, samples: int = 128) -> None:
-        """Carry G, Q and the per-class moments of every stored class forward through ``drift``; re-solve W_o."""
+    def compensate(self, drift: DriftMap, samples: int = 256) -> None:
+        """Rebuild G and Q of every stored class from its moments carried through ``drift``; re-solve W_o."""
         if self.w_out is None:
             return
         generator = torch.Generator().manual_seed(self.seed + 7919 * (self.num_tasks + 1))
+        gram, targets = torch.zeros_like(self.gram), torch.zeros_like(self.targets)
         for c, (n, total, second) in list(self.class_stats.items()):
             mean = total / n
             cov = second.double() / n - torch.outer(mean, mean)
-            values, vectors = torch.linalg.eigh((cov + cov.T) / 2)
+            new_mean, new_cov = drift.points(mean[None], c)[0], drift.covariance(cov)
+            values, vectors = torch.linalg.eigh((new_cov + new_cov.T) / 2)
             factor = vectors * values.clamp_min(0).sqrt()
-            x = mean + torch.randn(samples, mean.shape[0], generator=generator, dtype=torch.float64) @ factor.T
-            moved = drift.points(x, c)
-            before = torch.relu(x.float() @ self.w_rand)
-            after = torch.relu(moved.float() @ self.w_rand)
-            change = after - before
-            weight = n / samples
-            self.gram += weight * (change.T @ after + before.T @ change).double()
-            self.targets[:, c] += weight * change.sum(0).double()
-            new_mean = drift.points(mean[None], c)[0]
-            new_cov = drift.covariance(cov)
+            draws = new_mean + torch.randn(samples, mean.shape[0], generator=generator, dtype=torch.float64) @ factor.T
+            projected = torch.relu(draws.float() @ self.w_rand)
+            gram += (n / samples) * (projected.T @ projected).double()
+            targets[:, c] += (n / samples) * projected.sum(0).double()
             self.class_stats[c] = (n, n * new_mean, (n * (new_cov + torch.outer(new_mean, new_mean))).float())
+        self.gram, self.targets = gram, targets
         self.w_out = self._ridge_solve(self.gram, self.targets, self.ridge)
 
     def scores(self, features: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:

@@ -66,7 +66,7 @@ class ContinualConfig:
     pooling: str = "mean"
     projection_dim: int = 2000
     drift_compensation: str | Mapping[str, str] = "linear"
-    drift_samples: int = 128
+    drift_samples: int = 256
     diagnostics: bool = False
     overlap_decay: float | None = None
     frozen_quantile: float | None = None
