@@ -240,6 +240,7 @@ class RanPAC:
         self._seen: list[int] = []
         self.num_tasks = 0
         self.class_stats: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}  # c -> (n, sum, second moment)
+        self._synthetic = False  # True once old classes' G and Q were re-synthesised by compensate()
 
     @property
     def seen_classes(self) -> list[int]:
@@ -267,7 +268,8 @@ class RanPAC:
             return torch.cholesky_solve(rhs, factor)
         return torch.linalg.solve(system, rhs)
 
-    def _choose_ridge(self, projected: torch.Tensor, onehot: torch.Tensor) -> float:
+    def _choose_ridge(self, projected: torch.Tensor, onehot: torch.Tensor,
+                      old: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
         n = projected.shape[0]
         cut = int(0.8 * n)
         if cut < 1 or cut >= n:
@@ -277,7 +279,10 @@ class RanPAC:
         # One eigendecomposition serves every candidate: (P^T P + l I)^-1 P^T Y = P^T (P P^T + l I)^-1 Y, so
         # with fewer rows than features the n x n kernel is decomposed instead of the M x M Gram.
         p_fit, y_fit = projected[fit], onehot[fit]
-        if cut < self.projection_dim:
+        if old is not None:  # old classes' (re-synthesised) statistics stay in the system being validated
+            values, vectors = torch.linalg.eigh(old[0] + p_fit.T @ p_fit)
+            cross, rhs = projected[val] @ vectors, vectors.T @ (old[1] + p_fit.T @ y_fit)
+        elif cut < self.projection_dim:
             values, vectors = torch.linalg.eigh(p_fit @ p_fit.T)
             cross, rhs = projected[val] @ p_fit.T @ vectors, vectors.T @ y_fit
         else:
@@ -303,7 +308,8 @@ class RanPAC:
             grow = torch.zeros(self.projection_dim, num_columns - self.targets.shape[1], dtype=torch.float64)
             self.targets = torch.cat([self.targets, grow], dim=1)
         if solve:
-            self.ridge = self._choose_ridge(projected, onehot)
+            old = (self.gram, self.targets) if self._synthetic else None
+            self.ridge = self._choose_ridge(projected, onehot, old)
         self.gram += projected.T @ projected
         self.targets += projected.T @ onehot
         for c in torch.unique(labels).tolist():
@@ -339,6 +345,7 @@ class RanPAC:
             targets[:, c] += (n / samples) * projected.sum(0).double()
             self.class_stats[c] = (n, n * new_mean, (n * (new_cov + torch.outer(new_mean, new_mean))).float())
         self.gram, self.targets = gram, targets
+        self._synthetic = True
         self.w_out = self._ridge_solve(self.gram, self.targets, self.ridge)
 
     def scores(self, features: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
