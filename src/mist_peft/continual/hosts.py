@@ -217,9 +217,9 @@ class RanPAC:
     features (``4 H^2`` bytes per class, 0.6 MB at H = 384). At each compensation it maps every stored class's
     mean and covariance with the drift and rebuilds that class's share of G and Q from ``samples`` Gaussian draws
     pushed through the fixed projection (as SLCA and AdaGauss re-synthesise features), so G stays positive
-    semi-definite. The current task always enters exactly. (A first version added only the *difference* of
-    mapped and unmapped draws to the exact G: it made G indefinite, because the draws span more directions
-    than a class's few real features, and the ridge head collapsed.)
+    semi-definite. The current task always enters exactly. After a re-synthesis the ridge is validated with the
+    old statistics in the system: chosen on the current task alone it came out tiny on adapted features and the
+    solve amplified the synthetic classes' noise (measured: the head collapsed).
     """
 
     def __init__(

@@ -65,9 +65,7 @@ class ContinualConfig:
     lora_rank: int = 4
     pooling: str = "mean"
     projection_dim: int = 2000
-    # RanPAC's compensation collapsed its head in the measured run (README), so it stays off there by default.
-    drift_compensation: str | Mapping[str, str] = field(
-        default_factory=lambda: {"simplecil": "linear", "ranpac": "none"})
+    drift_compensation: str | Mapping[str, str] = "linear"
     drift_samples: int = 256
     diagnostics: bool = False
     overlap_decay: float | None = None
