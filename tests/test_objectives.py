@@ -262,3 +262,23 @@ def test_invalid_inputs_raise() -> None:
         mist_loss(z, labels.view(3, 1))
     with pytest.raises(ValueError, match="integer"):
         mist_loss(z, labels.float())
+
+
+def test_ce_ablation_uses_cosine_logits_of_the_batch_classes_only() -> None:
+    from mist_peft.objectives import CosineClassifier, MIObjective
+
+    class Identity(torch.nn.Module):
+        hidden_size = 4
+
+        def forward(self, x):
+            return x
+
+    torch.manual_seed(0)
+    objective = MIObjective(Identity(), loss="ce", num_classes=10, views=lambda b: {"x": torch.cat([b["x"], -b["x"]]),
+                                                                                  "labels": b["labels"]})
+    assert isinstance(objective.head, CosineClassifier)
+    x, labels = torch.randn(3, 4), torch.tensor([7, 2, 7])
+    logits = torch.nn.functional.normalize(torch.cat([x, -x]), dim=1) @ torch.nn.functional.normalize(
+        objective.head.weight, dim=1).T
+    expected = torch.nn.functional.cross_entropy(logits[:, [2, 7]], torch.tensor([1, 0, 1, 1, 0, 1]))
+    torch.testing.assert_close(objective({"x": x, "labels": labels}), expected)

@@ -110,7 +110,8 @@ def test_cross_task_frozen_set_and_overlap_decay():
     layers = adapter_layers(model, "default")
     assert all("default" not in m.mist_grad_scale for m in layers.values())  # no earlier task yet
     for name, frozen in state.frozen.items():
-        assert int(frozen.sum()) == round(0.01 * frozen.numel())
+        n = frozen.numel()  # at or above the interpolated 0.99 quantile: the top n - floor(0.99 (n - 1)) - 1
+        assert int(frozen.sum()) == n - int(0.99 * (n - 1)) - 1
         assert frozen.view(-1)[first[name]].sum() == frozen.sum()  # the top scores were selected
     frozen_after_first = {n: f.clone() for n, f in state.frozen.items()}
     torch.manual_seed(0)
@@ -121,3 +122,46 @@ def test_cross_task_frozen_set_and_overlap_decay():
         scale = layers[name].mist_grad_scale["default"]
         assert torch.allclose(scale[previous], torch.tensor(0.9)) and torch.all(scale[~previous] == 1.0)
         assert previous.any() and (~previous).any()
+
+
+def test_frozen_quantile_one_keeps_the_maximum_and_its_ties():
+    from mist_peft.scoring import CrossTaskState, at_or_above_quantile
+
+    scores = torch.tensor([[0.5, 3.0, 1.0], [3.0, 0.1, 2.9]])
+    assert at_or_above_quantile(scores, 1.0).tolist() == [[False, True, False], [True, False, False]]
+    assert at_or_above_quantile(scores, 0.0).all()
+    assert int(at_or_above_quantile(torch.arange(10.0), 0.5).sum()) == 5  # >= 4.5
+    with pytest.raises(ValueError, match="frozen_quantile"):
+        CrossTaskState(frozen_quantile=1.5)
+    with pytest.raises(ValueError, match="overlap_decay"):
+        CrossTaskState(overlap_decay=0.0)
+
+
+def test_scores_are_the_mean_of_squared_minibatch_gradients():
+    """Against autograd by hand: each batch's full gradient of the MI loss, squared, averaged over batches."""
+    from mist_peft.scoring import mi_fisher_scores
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query", "value"]))
+    objective = MIObjective(FeatureEncoder(model))
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    layers = adapter_layers(model, "default")
+    data = batches(n=3)
+    with pytest.warns(UserWarning, match="identical"):
+        scores = mi_fisher_scores(objective, data, layers)
+    weights = {name: layer.get_base_layer().weight for name, layer in layers.items()}
+    expected = {name: torch.zeros_like(w) for name, w in weights.items()}
+    objective.train()
+    for w in weights.values():
+        w.requires_grad_(True)
+    for batch in data:
+        grads = torch.autograd.grad(objective(batch), list(weights.values()))
+        for (name, _), g in zip(weights.items(), grads, strict=True):
+            expected[name] += g.pow(2) / len(data)
+    for w in weights.values():
+        w.requires_grad_(False)
+    for name in weights:
+        assert scores[name].abs().sum() > 0
+        torch.testing.assert_close(scores[name], expected[name], rtol=1e-4, atol=1e-12)

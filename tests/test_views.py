@@ -178,3 +178,33 @@ def test_default_views_dispatch() -> None:
     assert isinstance(default_views({"input_ids": torch.zeros(2, 3, dtype=torch.long)}), DropoutViews)
     with pytest.raises(ValueError, match=r"FunctionViews.*\(view1, view2\)"):
         default_views({"features": torch.zeros(2, 3)})
+
+
+def test_default_text_views_warn_when_the_model_has_no_active_dropout() -> None:
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long)}
+    no_dropout = nn.Sequential(nn.Embedding(4, 3), nn.Dropout(0.0)).train()
+    views = default_views(batch, no_dropout)
+    with pytest.warns(UserWarning, match="views would be identical.*FunctionViews"):
+        out = views(batch)
+    assert torch.equal(out["input_ids"][:2], out["input_ids"][2:])
+    with_dropout = nn.Sequential(nn.Embedding(4, 3), nn.Dropout(0.1)).train()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default_views(batch, with_dropout)(batch)  # active dropout: no warning
+    with pytest.raises(ValueError, match="on_identical"):
+        DropoutViews(on_identical="ignore")
+
+
+def test_grayscale_is_computed_on_unnormalised_images() -> None:
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    raw = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    gray = (raw * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    out = augment_images((raw - m) / s, flip_p=0.0, gray_p=1.0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+                         mean=mean, std=std)
+    torch.testing.assert_close(out, (gray - m) / s, atol=1e-5, rtol=0)
+    views = ImageViews(view1_crop_scale=(0.05, 1.0), generator=torch.Generator().manual_seed(1))
+    both = views({"pixel_values": raw, "labels": torch.tensor([0, 1])})["pixel_values"]
+    assert both.shape == (4, 3, 8, 8) and not torch.equal(both[:2], raw)  # view 1 itself augmented

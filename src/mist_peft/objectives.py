@@ -186,12 +186,26 @@ class MILoss(nn.Module):
         return f"kind={self.kind!r}, temperature={self.temperature}"
 
 
+class CosineClassifier(nn.Module):
+    """The reference's CE-ablation head (`CosineLinear`): cosine similarity to one weight row per class, times a
+    learnable scale initialised to 1, no bias."""
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, in_dim) / in_dim**0.5)
+        self.sigma = nn.Parameter(torch.ones(()))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.sigma * F.normalize(features, dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+
 class MIObjective(nn.Module):
     """Batch -> loss for MIST: two views in one forward, pooled features, projection head, MI (or CE) loss.
 
     Used by both the scoring pass and the tuning loop, so they optimise exactly the same objective.
-    ``loss="ce"`` (the spec's CE ablation) replaces the projection head by a linear classifier over
-    ``num_classes`` and applies cross-entropy to both views.
+    ``loss="ce"`` (the spec's CE ablation, §3.11) replaces the projection head by a :class:`CosineClassifier`
+    over ``num_classes`` and applies cross-entropy to both views on the logits of the new classes only: the
+    classes present in the batch (the current task's), as the reference's head over the task's new classes.
     """
 
     def __init__(self, encoder: nn.Module, head: nn.Module | None = None, loss: str = "mist",
@@ -203,7 +217,7 @@ class MIObjective(nn.Module):
         if loss == "ce":
             if head is None and num_classes is None:
                 raise ValueError("MIObjective(loss='ce') needs num_classes (or a classifier head).")
-            self.head = head if head is not None else nn.Linear(encoder.hidden_size, num_classes)
+            self.head = head if head is not None else CosineClassifier(encoder.hidden_size, num_classes)
             self.loss_fn = None
         else:
             self.head = head if head is not None else ProjectionHead(encoder.hidden_size, proj_dim)
@@ -214,10 +228,13 @@ class MIObjective(nn.Module):
 
     def forward(self, batch: dict) -> Tensor:
         labels = batch["labels"]
-        views = self.views or self._default_views(batch)
-        both = views({k: v for k, v in batch.items()})
+        if self.views is None:
+            self.views = self._default_views(batch, self.encoder)  # picked once, so a warning is given once
+        both = self.views({k: v for k, v in batch.items()})
         both.pop("labels", None)
         out = self.head(self.encoder(**both))
         if self.loss_fn is None:
-            return F.cross_entropy(out, torch.cat([labels, labels]))
+            classes = torch.unique(labels)  # sorted: the batch's (new) classes
+            targets = torch.searchsorted(classes, torch.cat([labels, labels]).to(classes.device))
+            return F.cross_entropy(out[:, classes], targets)
         return self.loss_fn(out, labels)

@@ -88,12 +88,23 @@ def mi_fisher_scores(objective: MIObjective, dataloader: Iterable, layers: Mappi
     return {name: s.div_(float(count)) for name, s in scores.items()}
 
 
+def at_or_above_quantile(scores: torch.Tensor, q: float) -> torch.Tensor:
+    """Entries with score >= the linear-interpolation quantile q of the tensor (q = 1.0: the maximum and its
+    ties), as the reference's `torch.quantile` threshold; `kthvalue` works on tensors of any size."""
+    flat = scores.reshape(-1).float()
+    pos = q * (flat.numel() - 1)
+    lo, hi = int(pos), min(int(pos) + 1, flat.numel() - 1)
+    v_lo, v_hi = flat.kthvalue(lo + 1).values, flat.kthvalue(hi + 1).values
+    return scores >= v_lo + (v_hi - v_lo) * (pos - lo)
+
+
 @dataclass
 class CrossTaskState:
     """The reference's two cross-task mechanisms (MIST_SPEC §3.7), both off by default.
 
-    - `frozen_quantile`: after each task, entries scoring at or above this per-tensor quantile (e.g. 0.9995,
-      the reference's RanPAC file) are frozen: later tasks never select them.
+    - `frozen_quantile` q_f: after each task, entries scoring at or above the per-tensor quantile q_f of that
+      task's scores join the frozen set (1.0: the maximum plus ties, the reference's SimpleCIL file; 0.9995: its
+      RanPAC file). Frozen entries' scores are zeroed before selection in every later task, as in the reference.
     - `overlap_decay`: a selected entry's gradient is multiplied by decay**C, C = earlier tasks that
       selected it (reference: 0.9).
     Costs one bool (frozen) and one uint8 (counts) per targeted weight, only when switched on.
@@ -104,14 +115,18 @@ class CrossTaskState:
     frozen: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.frozen_quantile is not None and not 0.0 <= self.frozen_quantile <= 1.0:
+            raise ValueError(f"CrossTaskState.frozen_quantile={self.frozen_quantile!r} is invalid: it must be in "
+                             "[0, 1] (reference: 1.0 or 0.9995), or None to switch it off.")
+        if self.overlap_decay is not None and not 0.0 < self.overlap_decay <= 1.0:
+            raise ValueError(f"CrossTaskState.overlap_decay={self.overlap_decay!r} is invalid: it must be in "
+                             "(0, 1] (reference: 0.9), or None to switch it off.")
+
     def update(self, scores: Mapping[str, torch.Tensor], chosen: Mapping[str, torch.Tensor]) -> None:
         for name, s in scores.items():
             if self.frozen_quantile is not None:
-                flat = s.reshape(-1).float()
-                k = max(1, int(round((1 - self.frozen_quantile) * flat.numel())))
-                top = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-                top[torch.topk(flat, k).indices] = True
-                top = top.view(s.shape)
+                top = at_or_above_quantile(s, self.frozen_quantile)
                 self.frozen[name] = self.frozen.get(name, torch.zeros_like(top)) | top
             if self.overlap_decay is not None:
                 counts = self.counts.setdefault(name, torch.zeros(s.shape, dtype=torch.uint8, device=s.device))
@@ -149,11 +164,11 @@ def select_mi_fisher(model: nn.Module, objective: MIObjective, dataloader: Itera
             tmp = f"{cache_file}.tmp"
             torch.save({"shapes": shapes, "scores": {k: v.cpu() for k, v in scores.items()}}, tmp)
             os.replace(tmp, cache_file)
-    masks = dict(exclude or {})
+    ranked = dict(scores)
     for name, frozen in (cross_task.frozen.items() if cross_task else ()):
-        masks[name] = frozen | masks[name].to(frozen.device) if name in masks else frozen
-    ranked = {name: s.masked_fill(masks[name].to(s.device), -1.0) if name in masks else s  # negative: never
-              for name, s in scores.items()}
+        ranked[name] = ranked[name].masked_fill(frozen.to(ranked[name].device), 0.0)  # the reference zeroes them
+    for name, mask in (exclude or {}).items():
+        ranked[name] = ranked[name].masked_fill(mask.to(ranked[name].device), -1.0)  # negative: never
     chosen = top_entries(ranked, config.density, config.granularity)
     del ranked
     prefix = {weight_name(n): n for n in mist_layers(model, adapter_name)}

@@ -115,8 +115,11 @@ def default_accelerator() -> Accelerator:
 def train_mist(model: nn.Module, dataloader: Iterable, *, head: nn.Module | None = None,
                config: MISTTrainingConfig | None = None, accelerator: Accelerator | None = None,
                views=None, score_dataloader: Iterable | None = None,
-               cache_file: str | os.PathLike | None = None) -> dict[str, Any]:
+               cache_file: str | os.PathLike | None = None, cross_task=None) -> dict[str, Any]:
     """Select (if needed) and tune a MIST model with the MI loss; returns {"head", "history", "steps"}.
+
+    `cross_task` (a `scoring.CrossTaskState`, kept by the caller across tasks) applies the reference's frozen
+    set and overlap decay to the selection.
 
     Runs unchanged on one process or under `accelerate launch`: scores are summed across processes, the
     dropout subset is drawn identically everywhere, and gradients are averaged by DDP. Honours the
@@ -140,7 +143,7 @@ def train_mist(model: nn.Module, dataloader: Iterable, *, head: nn.Module | None
     if needs_selection(model, adapter):
         scoring_loader = accelerator.prepare(score_dataloader or dataloader)
         select_mi_fisher(model, objective, scoring_loader, adapter_name=adapter, accelerator=accelerator,
-                         max_batches=config.max_score_batches, cache_file=cache_file)
+                         max_batches=config.max_score_batches, cache_file=cache_file, cross_task=cross_task)
     optimizer = make_optimizer(model, objective.head, config)
     wrapped, optimizer, loader = accelerator.prepare(objective, optimizer, dataloader)
     handles = attach_optimizer(optimizer, model)

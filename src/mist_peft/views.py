@@ -19,7 +19,7 @@ Strategies are small callables ``strategy(batch) -> batch_of_2B_rows``:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
-_AUGMENT_KEYS = frozenset({"flip_p", "gray_p", "crop_scale", "crop_ratio"})
+_AUGMENT_KEYS = frozenset({"flip_p", "gray_p", "crop_scale", "crop_ratio", "mean", "std"})
 
 
 class ViewStrategy(Protocol):
@@ -64,6 +64,8 @@ def augment_images(
     gray_p: float = 0.25,
     crop_scale: tuple[float, float] = (0.3, 1.0),
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> Tensor:
     """Per-sample random flip, grayscale and resized crop of a ``[B, C, H, W]`` image batch, on its own device.
 
@@ -77,7 +79,9 @@ def augment_images(
       uniform over positions that keep the crop inside the image; a crop side longer than the image is centred,
       and the part outside is filled by reflection padding.
 
-    Grayscale is a per-pixel linear map over channels, so it commutes with resampling; it is applied first and
+    With ``mean``/``std`` (the normalisation the inputs carry), grayscale is computed on the unnormalised image
+    and normalised again, as the reference does on its [0, 1] inputs (spec §3.2); without them, on the values
+    as given. Grayscale is a per-pixel linear map over channels, so it commutes with resampling; it is applied first and
     flip + crop are folded into one affine grid, giving a single batched ``grid_sample`` call.
     ``align_corners=False`` makes the identity / flip grids land exactly on pixel centres.
 
@@ -111,7 +115,12 @@ def augment_images(
 
     if c == 3 and bool(gray.any()):
         weights = torch.tensor(_GRAY_WEIGHTS, dtype=work_dtype, device=device).view(1, 3, 1, 1)
-        g = (x * weights).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+        if mean is not None and std is not None:
+            m = torch.tensor(mean, dtype=work_dtype, device=device).view(1, 3, 1, 1)
+            sd = torch.tensor(std, dtype=work_dtype, device=device).view(1, 3, 1, 1)
+            g = ((((x * sd + m) * weights).sum(dim=1, keepdim=True)) - m) / sd
+        else:
+            g = (x * weights).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
         x = torch.where(gray.view(b, 1, 1, 1), g, x)
 
     # Crop size as a fraction of each side: area fw*fh = scale, pixel aspect (fw*W)/(fh*H) = ratio.
@@ -157,17 +166,26 @@ class ImageViews:
 
     Args:
         generator: optional ``torch.Generator`` for reproducible augmentations.
-        **augment_kwargs: ``flip_p``, ``gray_p``, ``crop_scale``, ``crop_ratio`` (see :func:`augment_images`).
+        view1_crop_scale: when given, view 1 is itself augmented first (flip and a random resized crop of this
+            area scale, no grayscale), like the reference's train transform (scale (0.05, 1), spec §6.3); by
+            default view 1 is the batch as given.
+        **augment_kwargs: ``flip_p``, ``gray_p``, ``crop_scale``, ``crop_ratio``, ``mean``, ``std`` (see
+            :func:`augment_images`; :func:`default_views` passes the ImageNet ``mean``/``std`` of
+            :func:`mist_peft.encoders.image_collate`).
     """
 
-    def __init__(self, generator: torch.Generator | None = None, **augment_kwargs: Any) -> None:
+    def __init__(self, generator: torch.Generator | None = None,
+                 view1_crop_scale: tuple[float, float] | None = None, **augment_kwargs: Any) -> None:
+        if view1_crop_scale is not None:
+            _check_augment_args(0.5, 0.0, view1_crop_scale, (3 / 4, 4 / 3))
+        self.view1_crop_scale = view1_crop_scale
         unknown = set(augment_kwargs) - _AUGMENT_KEYS
         if unknown:
             raise ValueError(
                 f"ImageViews: unknown augmentation option(s) {sorted(unknown)}; valid options are {sorted(_AUGMENT_KEYS)}"
             )
         defaults: dict[str, Any] = {"flip_p": 0.5, "gray_p": 0.25, "crop_scale": (0.3, 1.0), "crop_ratio": (3 / 4, 4 / 3)}
-        _check_augment_args(**{**defaults, **augment_kwargs})
+        _check_augment_args(**{**defaults, **{k: v for k, v in augment_kwargs.items() if k in defaults}})
         self.generator = generator
         self.augment_kwargs = dict(augment_kwargs)
 
@@ -177,6 +195,8 @@ class ImageViews:
         _leading_rows(batch, "ImageViews")
         out = _duplicate(batch, skip=frozenset({"pixel_values"}))
         x = batch["pixel_values"]
+        if self.view1_crop_scale is not None:
+            x = augment_images(x, self.generator, gray_p=0.0, crop_scale=self.view1_crop_scale)
         out["pixel_values"] = torch.cat([x, augment_images(x, self.generator, **self.augment_kwargs)], dim=0)
         return out
 
@@ -198,19 +218,31 @@ class DropoutViews:
     otherwise both views are identical, the pair term is uninformative and scores degenerate. Pass ``model`` to
     have this checked on every call (a ``RuntimeError`` is raised when no ``nn.Dropout`` with ``p > 0`` is active).
     Dropout done functionally (e.g. attention dropout inside SDPA) cannot be detected; nn.Dropout modules can.
+    ``on_identical="warn"`` (what :func:`default_views` uses) warns once instead of raising.
     """
 
-    def __init__(self, model: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module | None = None, on_identical: str = "raise") -> None:
+        if on_identical not in ("raise", "warn"):
+            raise ValueError(f"DropoutViews: on_identical must be 'raise' or 'warn', got {on_identical!r}")
         self.model = model
+        self.on_identical = on_identical
+        self._warned = False
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         if self.model is not None and not _active_dropout(self.model):
             state = "train" if self.model.training else "eval"
-            raise RuntimeError(
+            message = (
                 f"DropoutViews: the model is in {state} mode and has no active nn.Dropout with p > 0, so both "
                 "views would be identical; call model.train() and make sure dropout > 0 (e.g. "
                 "hidden_dropout_prob), or pass FunctionViews with an explicit augmentation"
             )
+            if self.on_identical == "raise":
+                raise RuntimeError(message)
+            if not self._warned:
+                import warnings
+
+                warnings.warn(message + " (the MI loss's pair term carries no signal this way)", stacklevel=2)
+                self._warned = True
         _leading_rows(batch, "DropoutViews")
         return _duplicate(batch)
 
@@ -262,12 +294,17 @@ class FunctionViews:
         return f"FunctionViews({getattr(self.fn, '__name__', repr(self.fn))})"
 
 
-def default_views(batch: Mapping[str, Any]) -> ViewStrategy:
-    """Pick a view strategy from the batch: images → :class:`ImageViews`, token ids → :class:`DropoutViews`."""
+def default_views(batch: Mapping[str, Any], model: nn.Module | None = None) -> ViewStrategy:
+    """Pick a view strategy from the batch: images → :class:`ImageViews`, token ids → :class:`DropoutViews`.
+
+    Pass the ``model`` that will encode the views: for text, a model without active dropout then warns that
+    both views are identical (and says what to do) instead of silently training on identical pairs."""
     if "pixel_values" in batch:
-        return ImageViews()
+        from .assets import IMAGENET_MEAN, IMAGENET_STD
+
+        return ImageViews(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if "input_ids" in batch:
-        return DropoutViews()
+        return DropoutViews(model, on_identical="warn")
     raise ValueError(
         f"default_views: cannot tell how to make a second view for a batch with keys {sorted(batch)} (neither "
         "'pixel_values' nor 'input_ids'); pass views=FunctionViews(fn) with fn(batch) -> (view1, view2)"

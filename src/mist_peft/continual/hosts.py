@@ -2,10 +2,14 @@
 
 Both hosts see each task's training features once, keep no examples, and predict over every class seen so far:
 
-- :class:`SimpleCIL`: one prototype (mean feature) per class, cosine-similarity prediction. Prototypes of old
-  classes are never recomputed, as in the MIST reference (spec §3.9).
+- :class:`SimpleCIL`: one prototype (mean feature) per class, cosine-similarity prediction (spec §3.9).
 - :class:`RanPAC`: a fixed random ReLU projection, then a ridge-regression head from Gram statistics accumulated
   over tasks (spec §3.10).
+
+When the backbone moves between tasks (MIST before every task), old-class statistics were computed with an older
+backbone. :func:`fit_drift` estimates the drift from the current task's paired features (before/after adapting,
+same inputs, same transform) and both hosts' ``compensate`` carry their old statistics forward with it. The
+reference never does this (its old prototypes and Gram statistics go stale, spec A7).
 
 Labels are non-negative integers used as class ids; they need not be contiguous or arrive in order.
 """
@@ -13,14 +17,121 @@ Labels are non-negative integers used as class ids; they need not be contiguous 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SimpleCIL", "RanPAC", "RIDGE_GRID"]
+__all__ = ["SimpleCIL", "RanPAC", "RIDGE_GRID", "DriftMap", "fit_drift", "DRIFT_MODES"]
 
 RIDGE_GRID: tuple[float, ...] = tuple(10.0**k for k in range(-8, 9))
 """Candidate ridge penalties 10^-8 .. 10^8, as in RanPAC."""
+
+DRIFT_MODES: tuple[str, ...] = ("none", "linear", "sdc")
+"""Drift compensation of old-class statistics: none (the reference), an affine map, or SDC translations."""
+
+SHRINK_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, float("inf"))
+"""Ridge strengths of the affine map, relative to the mean eigenvalue of the centred feature Gram; ``inf``
+leaves only the mean translation."""
+
+SDC_WIDTHS: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
+"""SDC kernel widths sigma^2, relative to the median squared distance of the old features to their class mean."""
+
+
+@dataclass
+class DriftMap:
+    """Where a feature computed with the old backbone lands with the new one: ``f1 = f0 @ matrix + shift``.
+
+    ``matrix`` is ``[H, H]`` (identity when None). ``shift`` is one ``[H]`` vector for every class (the affine
+    map) or, for SDC, a dict ``class id -> [H]`` of per-class translations. ``choice`` records the setting
+    chosen on pseudo-old classes and ``errors`` its validation error per candidate.
+    """
+
+    matrix: torch.Tensor | None
+    shift: torch.Tensor | dict[int, torch.Tensor]
+    mode: str = "linear"
+    choice: float | None = None
+    errors: dict[str, float] = field(default_factory=dict)
+
+    def points(self, x: torch.Tensor, class_id: int) -> torch.Tensor:
+        """Map rows ``x`` (features of class ``class_id`` under the old backbone)."""
+        x = x.double()
+        out = x if self.matrix is None else x @ self.matrix
+        shift = self.shift[class_id] if isinstance(self.shift, dict) else self.shift
+        return out + shift
+
+    def covariance(self, cov: torch.Tensor) -> torch.Tensor:
+        """``M^T cov M``: the covariance of the mapped features (translations leave it unchanged)."""
+        return cov if self.matrix is None else self.matrix.T @ cov.double() @ self.matrix
+
+
+def _affine(f0: torch.Tensor, f1: torch.Tensor, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge-to-identity affine map ``f1 ~ f0 (I + D) + b``: ``D = (X^T X + lam I)^-1 X^T (Y - X)`` on centred
+    features, ``lam = shrink * tr(X^T X) / H``. Shrinking to the identity (not to 0) keeps the directions the
+    current task does not span where they were."""
+    m0, m1 = f0.mean(0), f1.mean(0)
+    dim = f0.shape[1]
+    if shrink == float("inf"):
+        matrix = torch.eye(dim, dtype=torch.float64)
+    else:
+        x, y = f0 - m0, f1 - m1
+        gram = x.T @ x
+        lam = shrink * float(torch.trace(gram)) / dim + 1e-12
+        delta = torch.linalg.solve(gram + lam * torch.eye(dim, dtype=torch.float64), x.T @ (y - x))
+        matrix = torch.eye(dim, dtype=torch.float64) + delta
+    return matrix, m1 - m0 @ matrix
+
+
+def _sdc_shift(f0: torch.Tensor, f1: torch.Tensor, centre: torch.Tensor, width: float) -> torch.Tensor:
+    """Yu et al.'s SDC: the mean drift of the pairs, weighted by a Gaussian kernel around the old prototype."""
+    d2 = ((f0 - centre) ** 2).sum(1)
+    w = torch.softmax(-d2 / (2 * width), dim=0)
+    return w @ (f1 - f0)
+
+
+def fit_drift(f0: torch.Tensor, f1: torch.Tensor, labels: torch.Tensor, mode: str = "linear",
+              old_means: dict[int, torch.Tensor] | None = None) -> DriftMap:
+    """Estimate the backbone's drift from paired features of the current task (rows i of ``f0`` and ``f1`` are
+    the same input before and after adapting).
+
+    The one setting (the affine map's shrinkage, SDC's kernel width) is chosen without old data: each class of
+    the current task in turn plays an old class, the drift is fitted on the other classes' pairs, and the
+    setting whose predicted class mean lands nearest the true one (squared error summed over held-out classes)
+    wins. ``old_means`` (class id -> prototype under the old backbone) is needed by SDC, whose shifts are per class.
+    """
+    if mode not in DRIFT_MODES or mode == "none":
+        raise ValueError(f"fit_drift mode={mode!r} is invalid: use 'linear' or 'sdc'.")
+    f0, f1 = torch.as_tensor(f0).double(), torch.as_tensor(f1).double()
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if f0.shape != f1.shape or f0.shape[0] != labels.shape[0]:
+        raise ValueError(f"fit_drift needs paired features: got {tuple(f0.shape)}, {tuple(f1.shape)} and "
+                         f"{labels.shape[0]} labels.")
+    classes = torch.unique(labels).tolist()
+    grid = SHRINK_GRID if mode == "linear" else SDC_WIDTHS
+    scale = 1.0
+    if mode == "sdc":
+        means = torch.stack([f0[labels == c].mean(0) for c in classes])
+        spread = ((f0 - means[torch.searchsorted(torch.tensor(classes), labels)]) ** 2).sum(1)
+        scale = float(spread.median()) + 1e-12
+    errors = {}
+    for setting in grid:
+        err = 0.0
+        for held in classes if len(classes) > 1 else []:
+            rest, out = labels != held, labels == held
+            mu0, mu1 = f0[out].mean(0), f1[out].mean(0)
+            if mode == "linear":
+                matrix, shift = _affine(f0[rest], f1[rest], setting)
+                guess = mu0 @ matrix + shift
+            else:
+                guess = mu0 + _sdc_shift(f0[rest], f1[rest], mu0, setting * scale)
+            err += float(((guess - mu1) ** 2).sum())
+        errors[str(setting)] = err
+    best = min(grid, key=lambda s: errors[str(s)])
+    if mode == "linear":
+        matrix, shift = _affine(f0, f1, best)
+        return DriftMap(matrix, shift, "linear", best, errors)
+    shifts = {int(c): _sdc_shift(f0, f1, m.double(), best * scale) for c, m in (old_means or {}).items()}
+    return DriftMap(None, shifts, "sdc", best, errors)
 
 
 def _as_inputs(
@@ -69,6 +180,15 @@ class SimpleCIL:
             self.classes = torch.cat([self.classes, torch.tensor(new, dtype=torch.long)])
         return new
 
+    def means(self) -> dict[int, torch.Tensor]:
+        """Prototype of every seen class, by class id."""
+        return {int(c): p for c, p in zip(self.classes.tolist(), self.prototypes, strict=True)}
+
+    def compensate(self, drift: DriftMap) -> None:
+        """Move every stored prototype to where ``drift`` says its class's features went."""
+        if self.classes.numel():
+            self.prototypes = torch.stack([drift.points(p[None], c)[0] for c, p in self.means().items()]).float()
+
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """Cosine similarity ``[N, C]`` between features and prototypes (columns follow ``seen_classes``)."""
         if not self.classes.numel():
@@ -91,6 +211,15 @@ class RanPAC:
     before that split, as the reference's shuffled loader does, so class-sorted inputs still give a fair split.
 
     Memory: G is ``8 * M^2`` bytes (0.8 GB for the reference ``M = 10000``, 32 MB for ``M = 2000``).
+
+    Drift compensation (:meth:`compensate`): G and Q are sums over ReLU-projected features, which no map of G
+    itself can update. So the host also keeps, per class, the count, sum and second moment of the raw ``[H]``
+    features (``4 H^2`` bytes per class, 0.6 MB at H = 384). At each compensation it maps every stored class's
+    mean and covariance with the drift and rebuilds that class's share of G and Q from ``samples`` Gaussian draws
+    pushed through the fixed projection (as SLCA and AdaGauss re-synthesise features), so G stays positive
+    semi-definite. The current task always enters exactly. After a re-synthesis the ridge is validated with the
+    old statistics in the system: chosen on the current task alone it came out tiny on adapted features and the
+    solve amplified the synthetic classes' noise (measured: the head collapsed).
     """
 
     def __init__(
@@ -110,6 +239,8 @@ class RanPAC:
         self.w_out: torch.Tensor | None = None  # W_o [M, C] float64
         self._seen: list[int] = []
         self.num_tasks = 0
+        self.class_stats: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}  # c -> (n, sum, second moment)
+        self._synthetic = False  # True once old classes' G and Q were re-synthesised by compensate()
 
     @property
     def seen_classes(self) -> list[int]:
@@ -137,22 +268,35 @@ class RanPAC:
             return torch.cholesky_solve(rhs, factor)
         return torch.linalg.solve(system, rhs)
 
-    def _choose_ridge(self, projected: torch.Tensor, onehot: torch.Tensor) -> float:
+    def _choose_ridge(self, projected: torch.Tensor, onehot: torch.Tensor,
+                      old: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
         n = projected.shape[0]
         cut = int(0.8 * n)
         if cut < 1 or cut >= n:
             raise ValueError(f"RanPAC needs at least 2 training rows per task to choose the ridge, got {n}.")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 1 + self.num_tasks))
         fit, val = order[:cut], order[cut:]
-        gram, rhs = projected[fit].T @ projected[fit], projected[fit].T @ onehot[fit]
-        errors = [
-            torch.mean((projected[val] @ self._ridge_solve(gram, rhs, ridge) - onehot[val]) ** 2).item()
-            for ridge in self.ridges
-        ]
+        # One eigendecomposition serves every candidate: (P^T P + l I)^-1 P^T Y = P^T (P P^T + l I)^-1 Y, so
+        # with fewer rows than features the n x n kernel is decomposed instead of the M x M Gram.
+        p_fit, y_fit = projected[fit], onehot[fit]
+        if old is not None:  # old classes' (re-synthesised) statistics stay in the system being validated
+            values, vectors = torch.linalg.eigh(old[0] + p_fit.T @ p_fit)
+            cross, rhs = projected[val] @ vectors, vectors.T @ (old[1] + p_fit.T @ y_fit)
+        elif cut < self.projection_dim:
+            values, vectors = torch.linalg.eigh(p_fit @ p_fit.T)
+            cross, rhs = projected[val] @ p_fit.T @ vectors, vectors.T @ y_fit
+        else:
+            values, vectors = torch.linalg.eigh(p_fit.T @ p_fit)
+            cross, rhs = projected[val] @ vectors, vectors.T @ (p_fit.T @ y_fit)
+        values = values.clamp_min(0)
+        errors = [torch.mean((cross @ (rhs / (values + ridge)[:, None]) - onehot[val]) ** 2).item()
+                  for ridge in self.ridges]
         return self.ridges[min(range(len(errors)), key=errors.__getitem__)]
 
-    def fit_task(self, features: torch.Tensor, labels: torch.Tensor) -> float:
-        """Accumulate one task's statistics, re-choose the ridge and re-solve the head; return the ridge."""
+    def fit_task(self, features: torch.Tensor, labels: torch.Tensor, solve: bool = True) -> float | None:
+        """Accumulate one task's statistics, re-choose the ridge and re-solve the head; return the ridge.
+
+        ``solve=False`` only accumulates (for a caller that feeds several tasks before predicting)."""
         features, labels = _as_inputs(features, labels)
         projected = self.project(features)
         num_columns = max(int(labels.max()) + 1, 0 if self.targets is None else self.targets.shape[1])
@@ -163,13 +307,46 @@ class RanPAC:
         if self.targets.shape[1] < num_columns:
             grow = torch.zeros(self.projection_dim, num_columns - self.targets.shape[1], dtype=torch.float64)
             self.targets = torch.cat([self.targets, grow], dim=1)
-        self.ridge = self._choose_ridge(projected, onehot)
+        if solve:
+            old = (self.gram, self.targets) if self._synthetic else None
+            self.ridge = self._choose_ridge(projected, onehot, old)
         self.gram += projected.T @ projected
         self.targets += projected.T @ onehot
+        for c in torch.unique(labels).tolist():
+            rows = features[labels == c].double()
+            n, total, second = self.class_stats.get(c, (0.0, 0.0, 0.0))
+            self.class_stats[c] = (n + rows.shape[0], total + rows.sum(0), second + (rows.T @ rows).float())
         self._seen += [c for c in torch.unique(labels).tolist() if c not in self._seen]
-        self.w_out = self._ridge_solve(self.gram, self.targets, self.ridge)
         self.num_tasks += 1
+        if not solve:
+            return None
+        self.w_out = self._ridge_solve(self.gram, self.targets, self.ridge)
         return self.ridge
+
+    def means(self) -> dict[int, torch.Tensor]:
+        """Mean raw feature of every seen class, by class id."""
+        return {c: total / n for c, (n, total, _) in self.class_stats.items()}
+
+    def compensate(self, drift: DriftMap, samples: int = 256) -> None:
+        """Rebuild G and Q of every stored class from its moments carried through ``drift``; re-solve W_o."""
+        if self.w_out is None:
+            return
+        generator = torch.Generator().manual_seed(self.seed + 7919 * (self.num_tasks + 1))
+        gram, targets = torch.zeros_like(self.gram), torch.zeros_like(self.targets)
+        for c, (n, total, second) in list(self.class_stats.items()):
+            mean = total / n
+            cov = second.double() / n - torch.outer(mean, mean)
+            new_mean, new_cov = drift.points(mean[None], c)[0], drift.covariance(cov)
+            values, vectors = torch.linalg.eigh((new_cov + new_cov.T) / 2)
+            factor = vectors * values.clamp_min(0).sqrt()
+            draws = new_mean + torch.randn(samples, mean.shape[0], generator=generator, dtype=torch.float64) @ factor.T
+            projected = torch.relu(draws.float() @ self.w_rand)
+            gram += (n / samples) * (projected.T @ projected).double()
+            targets[:, c] += (n / samples) * projected.sum(0).double()
+            self.class_stats[c] = (n, n * new_mean, (n * (new_cov + torch.outer(new_mean, new_mean))).float())
+        self.gram, self.targets = gram, targets
+        self._synthetic = True
+        self.w_out = self._ridge_solve(self.gram, self.targets, self.ridge)
 
     def scores(self, features: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Ridge outputs ``[N, C]`` for the seen classes (columns follow ``seen_classes``)."""

@@ -33,6 +33,7 @@ def plot_accuracy(methods: dict[str, dict[str, Any]], path: Path, title: str = "
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     hosts = sorted({name.split("+")[0] for name in methods})
     variants = sorted({name.partition("+")[2] for name in methods} - {""})
@@ -48,6 +49,7 @@ def plot_accuracy(methods: dict[str, dict[str, Any]], path: Path, title: str = "
             ax.plot(range(1, len(acc) + 1), acc, marker="o", markersize=3, label=name, **style)
         ax.set_title(f"{title}: {host}" if title else host, fontsize=9)
         ax.set_xlabel("tasks learned")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("accuracy on all seen classes (%)")

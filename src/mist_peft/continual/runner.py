@@ -3,13 +3,14 @@
 One backbone trajectory per adaptation method; every host listed is fed the same features, so
 `simplecil+mist` and `ranpac+mist` come from one MIST run. Adaptation happens before every task (the
 reference) or before the first only, always on the current task's train split; test data is only
-ever used for evaluation.
+ever used for evaluation. With adaptation before every task, the hosts carry their old-class statistics
+forward through the drift estimated on the current task (`drift_compensation`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,8 +21,9 @@ from torch.utils.data import DataLoader
 
 from ..config import MISTConfig
 from ..encoders import FeatureEncoder, extract_features
+from ..scoring import CrossTaskState
 from ..training import MISTTrainingConfig, default_accelerator, train_mist
-from .hosts import RanPAC, SimpleCIL
+from .hosts import DRIFT_MODES, RanPAC, SimpleCIL, fit_drift
 from .metrics import continual_metrics
 from .scenarios import Task
 
@@ -36,23 +38,38 @@ def method_name(host: str, method: str) -> str:
 
 @dataclass
 class ContinualConfig:
-    """What a continual run compares and with which budget (defaults sized for a 2-core CPU)."""
+    """What a continual run compares and with which budget and recipe.
+
+    The tuning recipe (optimizer, lr, steps, density, grad_drop, when to adapt) defaults to the one chosen on
+    validation splits across data sets (README, "Continual learning"). `drift_compensation` is one of
+    `DRIFT_MODES` for every host, or a mapping host -> mode. `diagnostics` adds, for every adapted method, the
+    other compensation modes as extra rows (`host+method@mode`, same backbone trajectory) and the oracle
+    (every statistic recomputed with the current backbone after each task: not exemplar-free, a ceiling only).
+    """
 
     hosts: Sequence[str] = ("simplecil",)
     methods: Sequence[str] = ("frozen", "mist")
     adapt: str = "every"  # "every" task (reference) or "first" task only
     steps_per_task: int = 20
-    score_batches: int = 4
+    score_batches: int | None = None  # None: one full pass over the task's train data (spec §3.4)
     batch_size: int = 32
     eval_batch_size: int = 128
     density: float = 0.05
     grad_drop: float = 0.9
-    lr: float = 1e-4
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
     full_lr: float = 1e-5
     head_lr: float = 1e-2
     lora_rank: int = 4
     pooling: str = "mean"
     projection_dim: int = 2000
+    drift_compensation: str | Mapping[str, str] = "linear"
+    drift_samples: int = 256
+    diagnostics: bool = False
+    overlap_decay: float | None = None
+    frozen_quantile: float | None = None
     exclude_modules: Sequence[str] = field(default_factory=lambda: ["pooler.dense"])
     seed: int = 0
 
@@ -64,6 +81,20 @@ class ContinualConfig:
                                  f"{list(allowed)}.")
         if self.adapt not in ("every", "first"):
             raise ValueError(f"ContinualConfig.adapt={self.adapt!r} is invalid: use 'every' or 'first'.")
+        modes = self.compensation_modes()
+        if any(m not in DRIFT_MODES for m in modes.values()) or set(modes) - set(HOSTS):
+            raise ValueError(f"ContinualConfig.drift_compensation={self.drift_compensation!r} is invalid: use one "
+                             f"of {list(DRIFT_MODES)}, or a mapping from hosts {list(HOSTS)} to one.")
+        if self.score_batches is not None and self.score_batches < 1:
+            raise ValueError(f"ContinualConfig.score_batches={self.score_batches!r} is invalid: use None (one full "
+                             "pass over the task) or a positive cap.")
+        CrossTaskState(frozen_quantile=self.frozen_quantile, overlap_decay=self.overlap_decay)  # validates
+
+    def compensation_modes(self) -> dict[str, str]:
+        """Drift compensation mode of every host."""
+        if isinstance(self.drift_compensation, str):
+            return {h: self.drift_compensation for h in HOSTS}
+        return {**{h: "none" for h in HOSTS}, **dict(self.drift_compensation)}
 
 
 def _make_host(host: str, config: ContinualConfig):
@@ -71,12 +102,14 @@ def _make_host(host: str, config: ContinualConfig):
 
 
 def adapt_backbone(backbone: nn.Module, method: str, loader: DataLoader, config: ContinualConfig, head: nn.Module | None,
-           num_classes: int, accelerator) -> tuple[nn.Module, nn.Module]:
+                   num_classes: int, accelerator, task_index: int = 0,
+                   cross_task: CrossTaskState | None = None) -> tuple[nn.Module, nn.Module]:
     """Tune the backbone on one task with the method's recipe; returns (plain backbone, head to keep)."""
     loss = "ce" if method == "mist-ce" else "mist"
     train_config = MISTTrainingConfig(loss=loss, pooling=config.pooling, max_steps=config.steps_per_task,
-                                      max_score_batches=config.score_batches, lr=config.lr, head_lr=config.head_lr,
-                                      num_classes=num_classes)
+                                      max_score_batches=config.score_batches, optimizer=config.optimizer,
+                                      lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                                      head_lr=config.head_lr, num_classes=num_classes)
     if method == "full":
         backbone.requires_grad_(True)
         train_config.lr = config.full_lr
@@ -88,12 +121,15 @@ def adapt_backbone(backbone: nn.Module, method: str, loader: DataLoader, config:
     if method == "lora":
         model = get_peft_model(backbone, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
                                                     target_modules="all-linear", exclude_modules=exclude))
-    else:
-        selection = {"mist-random": "random", "mist-magnitude": "magnitude"}.get(method, "mi_fisher")
-        model = get_peft_model(backbone, MISTConfig(
-            target_modules="all-linear", exclude_modules=exclude, density=config.density,
-            grad_drop=0.0 if method == "mist-nodrop" else config.grad_drop, selection=selection, seed=config.seed))
-    result = train_mist(model, loader, head=head, config=train_config, accelerator=accelerator)
+        result = train_mist(model, loader, head=head, config=train_config, accelerator=accelerator)
+        return model.merge_and_unload(), result["head"]
+    selection = {"mist-random": "random", "mist-magnitude": "magnitude"}.get(method, "mi_fisher")
+    model = get_peft_model(backbone, MISTConfig(
+        target_modules="all-linear", exclude_modules=exclude, density=config.density,
+        grad_drop=0.0 if method == "mist-nodrop" else config.grad_drop, selection=selection,
+        seed=config.seed + task_index))  # a fresh random subset (and dropout stream) per task, like MI-Fisher's
+    result = train_mist(model, loader, head=head, config=train_config, accelerator=accelerator,
+                        cross_task=cross_task if selection == "mi_fisher" else None)
     return model.merge_and_unload(), result["head"]
 
 
@@ -107,19 +143,36 @@ def changed_fraction(backbone: nn.Module, reference: dict[str, torch.Tensor]) ->
     return changed / max(1, total)
 
 
+def _accuracies(host, tests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    return [100.0 * float((host.predict(x) == y).float().mean()) for x, y in tests]
+
+
 def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Sequence[Task], collate: Callable,
                config: ContinualConfig, accelerator=None) -> dict[str, dict[str, Any]]:
-    """One adaptation method through all tasks, evaluated with every host in `config.hosts`."""
+    """One adaptation method through all tasks, evaluated with every host in `config.hosts`.
+
+    Before each adaptation the current task's train features are taken with the old backbone; after it, with
+    the new one, in the same order and with the evaluation transform, so the pairs fit the drift map.
+    """
     accelerator = accelerator or default_accelerator()
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     backbone = make_backbone().eval()
     reference = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-    hosts = {h: _make_host(h, config) for h in config.hosts}
-    matrices: dict[str, list[list[float]]] = {h: [] for h in config.hosts}
+    modes = config.compensation_modes()
+    diagnose = config.diagnostics and method != "frozen"
+    # (host, mode) -> host instance; the first mode listed per host is the configured one.
+    variants = {(h, m): _make_host(h, config)
+                for h in config.hosts for m in ([modes[h]] + ([x for x in DRIFT_MODES if x != modes[h]]
+                                                              if diagnose else []))}
+    matrices: dict[tuple[str, str], list[list[float]]] = {key: [] for key in variants}
+    oracle: dict[str, list[list[float]]] = {h: [] for h in config.hosts}
+    choices: dict[tuple[str, str], list] = {key: [] for key in variants}
     num_classes = 1 + max(max(t.classes) for t in tasks)
     head = None
+    cross_task = CrossTaskState(frozen_quantile=config.frozen_quantile, overlap_decay=config.overlap_decay)
     cached_test: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    cached_train: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     g = torch.Generator().manual_seed(config.seed)
 
     def features(dataset, desc):
@@ -128,35 +181,63 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
 
     for task in tasks:
         adapt_now = method != "frozen" and (config.adapt == "every" or task.index == 0)
+        before = None
         if adapt_now:
+            if task.index > 0 and any(m != "none" for _, m in variants):
+                before, _ = features(task.train, f"{method} task {task.index} train features before adapting")
             loader = DataLoader(task.train, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
                                 generator=g, drop_last=len(task.train) > config.batch_size)
-            backbone, head = adapt_backbone(backbone, method, loader, config, head, num_classes, accelerator)
+            backbone, head = adapt_backbone(backbone, method, loader, config, head, num_classes, accelerator,
+                                            task.index, cross_task)
             backbone.eval()
             accelerator.free_memory()
-            cached_test.clear()  # the backbone changed: old test features are stale
+            cached_test.clear()  # the backbone changed: old features are stale
+            cached_train.clear()
         train_x, train_y = features(task.train, f"{method} task {task.index} train features")
-        for host in hosts.values():
+        for (name, mode), host in variants.items():
+            if before is not None and mode != "none":
+                drift = fit_drift(before, train_x, train_y, mode, old_means=host.means())
+                host.compensate(drift) if name == "simplecil" else host.compensate(drift, config.drift_samples)
+                choices[(name, mode)].append(drift.choice)
             host.fit_task(train_x, train_y)
-        for name in config.hosts:
-            matrices[name].append([])
         for seen in tasks[: task.index + 1]:
             if seen.index not in cached_test:
                 cached_test[seen.index] = features(seen.test, f"{method} task {seen.index} test features")
-            x, y = cached_test[seen.index]
-            for name, host in hosts.items():
-                matrices[name][-1].append(100.0 * float((host.predict(x) == y).float().mean()))
+        tests = [cached_test[seen.index] for seen in tasks[: task.index + 1]]
+        for key, host in variants.items():
+            matrices[key].append(_accuracies(host, tests))
+        if diagnose:
+            cached_train[task.index] = (train_x, train_y)
+            for seen in tasks[: task.index]:
+                if seen.index not in cached_train:
+                    cached_train[seen.index] = features(seen.train, f"{method} task {seen.index} oracle features")
+            for name in config.hosts:
+                fresh = _make_host(name, config)
+                for seen in tasks[: task.index + 1]:
+                    last = seen.index == task.index
+                    fresh.fit_task(*cached_train[seen.index]) if last or name == "simplecil" else \
+                        fresh.fit_task(*cached_train[seen.index], solve=False)
+                oracle[name].append(_accuracies(fresh, tests))
     seconds = time.perf_counter() - start
     changed = changed_fraction(backbone, reference)
     sizes = [len(t.test) for t in tasks]
+
+    def summary(matrix):
+        metrics = continual_metrics(matrix, task_sizes=sizes)
+        return {k: metrics[k] for k in ("avg_acc", "last_acc", "forgetting", "new_task_acc")}
+
     out = {}
-    for name in config.hosts:
-        metrics = continual_metrics(matrices[name], task_sizes=sizes)
-        out[method_name(name, method)] = {
-            "avg_acc": metrics["avg_acc"], "last_acc": metrics["last_acc"], "forgetting": metrics["forgetting"],
-            "new_task_acc": metrics["new_task_acc"], "acc_matrix": matrices[name], "seconds": seconds,
-            "changed_fraction": changed,
-        }
+    for (name, mode), matrix in matrices.items():
+        row = {**summary(matrix), "acc_matrix": matrix, "seconds": seconds, "changed_fraction": changed,
+               "drift_compensation": mode if method != "frozen" else "none"}
+        if choices[(name, mode)]:
+            row["drift_choices"] = choices[(name, mode)]
+        if mode == modes[name]:
+            if diagnose:
+                row["oracle"] = {**summary(oracle[name]), "acc_matrix": oracle[name]}
+            out[method_name(name, method)] = row
+        else:
+            out[f"{method_name(name, method)}@{mode}"] = row
     return out
 
 
