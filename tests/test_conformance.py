@@ -596,10 +596,8 @@ def test_global_granularity_empty_layer_holds_no_trainable_parameter():
 def ddp_worker(out_dir: str) -> None:
     """One process of the DDP run: Accelerate's defaults (find_unused_parameters=False), 3 AdamW steps."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)  # the forked child inherits the parent's singleton
     accelerator = Accelerator()
     model = get_peft_model(mlp_with_a_quiet_layer(), MISTConfig(**GLOBAL_EMPTY))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -618,10 +616,15 @@ def ddp_worker(out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_without_find_unused_parameters_trains_a_model_with_an_empty_layer(tmp_path):
-    """A real 2-process gloo DDP run (CPU processes forked by Accelerate's debug_launcher)."""
-    from accelerate import debug_launcher
-
-    debug_launcher(ddp_worker, args=(str(tmp_path),), num_processes=2)
+    """A real 2-process gloo DDP run, launched as a user would (`accelerate launch`, CPU processes)."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                      f"from test_conformance import ddp_worker\nddp_worker({str(tmp_path)!r})\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["steps"] == 3 for r in ranks)
     assert ranks[0]["values"] == ranks[1]["values"] != 0  # DDP keeps the processes' values identical
