@@ -83,6 +83,16 @@ def model_output(model, inputs):
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
+LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def lm_batch(seed: int = 0):
+    """Random token ids as a causal-LM batch (labels = inputs) for the tiny Llama/GPT-2."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 120, (4, 12), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
 MODELS = {"bert": tiny_bert, "vit": tiny_vit, "gpt2": tiny_gpt2, "llama": tiny_llama, "cnn": tiny_cnn}
 
 

@@ -7,15 +7,13 @@ of selected entries ever updated is close to 1 - 0.9^N), and save / reload / mer
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_inputs, tiny_llama
+from conftest import LLAMA_TARGETS, lm_batch, tiny_bert, tiny_inputs, tiny_llama
 from peft import PeftModel, get_peft_model
 
 import mist_peft
 from mist_peft import MISTConfig
 from mist_peft.layer import MISTSelectionError, count_for
 from mist_peft.selection import install_selection, is_selected, mist_layers
-
-LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 class StrictnessProbe:
@@ -53,11 +51,6 @@ class StrictnessProbe:
     def ever_share(self) -> float:
         return float(torch.cat(list(self.ever.values())).float().mean())
 
-
-def lm_batch(seed: int):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 120, (4, 12), generator=g)
-    return {"input_ids": ids, "labels": ids}
 
 
 def assert_save_reload_merge_identical(model, make_base, tmp_path, inputs):

@@ -3,21 +3,13 @@ empty layers under a global selection); tied weights; loading never selects."""
 
 import pytest
 import torch
-from conftest import model_output, tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama
+from conftest import LLAMA_TARGETS, lm_batch, model_output, tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama
 from peft import PeftModel, get_peft_model, inject_adapter_in_model
 from torch import nn
 
 from mist_peft import MISTConfig
 from mist_peft import model as model_mod
 from mist_peft.selection import is_selected, mist_layers
-
-LLAMA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
-
-
-def lm_batch(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 120, (4, 12), generator=g)
-    return {"input_ids": ids, "labels": ids}
 
 
 @pytest.mark.parametrize("make,targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, ["c_attn", "c_fc"])])

@@ -395,6 +395,10 @@ class MISTLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         return None
 
+    def _input_for(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """PEFT's input cast to the weight's dtype, except under autocast, which picks the compute dtype."""
+        return x if torch.is_autocast_enabled(x.device.type) else self._cast_input_dtype(x, dtype)
+
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base layer's operation with `weight` in place of its own (the dense reference path)."""
         raise NotImplementedError
@@ -587,26 +591,21 @@ class Linear(_MISTModule):
 
     def _sparse_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         base = self.get_base_layer()
-        if ENGINE == "inplace" and len(adapters) == 1 and not base.weight.requires_grad:
+        live = ENGINE == "inplace" and len(adapters) == 1 and not base.weight.requires_grad
+        if live:
             self._write_live(adapters[0])
-            values = self.mist_values[adapters[0]]
-            if not (torch.is_grad_enabled() and values.requires_grad):
+            if not self._training(adapters[0]):
                 return self.base_layer(x)  # inference: exactly the base layer's cost
-            meta = self._grad_inputs(adapters)
-            if not torch.is_autocast_enabled(x.device.type):
-                x = self._cast_input_dtype(x, base.weight.dtype)
-            return _SparseDeltaLinear.apply(x, base.weight, base.bias, self.fan_in_fan_out, meta, values, True)
-        self.restore_base_weight()
+        else:
+            self.restore_base_weight()
         meta = self._grad_inputs(adapters)
         values = [self.mist_values[a] for a in adapters]
-        if not torch.is_autocast_enabled(x.device.type):
-            x = self._cast_input_dtype(x, base.weight.dtype)
-        return _SparseDeltaLinear.apply(x, base.weight, base.bias, self.fan_in_fan_out, meta, *values, False)
+        x = self._input_for(x, base.weight.dtype)
+        return _SparseDeltaLinear.apply(x, base.weight, base.bias, self.fan_in_fan_out, meta, *values, live)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
-        if not torch.is_autocast_enabled(x.device.type):
-            x = self._cast_input_dtype(x, weight.dtype)
+        x = self._input_for(x, weight.dtype)
         if self.fan_in_fan_out:
             out = torch.addmm(base.bias, x.reshape(-1, x.shape[-1]), weight) if base.bias is not None \
                 else x.reshape(-1, x.shape[-1]) @ weight
@@ -619,8 +618,7 @@ class Conv2d(_MISTModule):
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
-        if not torch.is_autocast_enabled(x.device.type):
-            x = self._cast_input_dtype(x, weight.dtype)
+        x = self._input_for(x, weight.dtype)
         return base._conv_forward(x, weight, base.bias)
 
 
