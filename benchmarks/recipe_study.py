@@ -1,0 +1,126 @@
+"""Choose MIST's continual recipe without the test split: every candidate recipe on validation splits carved from
+the train data of each data set, scored by the paired gain of host+mist over the frozen host.
+
+    python benchmarks/recipe_study.py --suite image --seeds 1993
+    python benchmarks/recipe_study.py --suite clinc150 --data-dir ../shared/data/clinc150
+
+Each (suite, seed) writes benchmarks/results/recipe_study/<suite>_<seed>.json as it goes (a rerun skips the recipes
+already measured); `--summarise` merges every file there into summary.json / summary.md. The test split is never
+read: the CLI's own `validation_split` (20% of every class of the train data) stands in for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from mist_peft.cli import (
+    _subsample,
+    build_parser,
+    load_backbone,
+    load_data,
+    make_config,
+    make_tasks,
+    validation_split,
+)
+from mist_peft.continual.runner import run_continual
+
+OUT = Path(__file__).resolve().parent / "results" / "recipe_study"
+SUITES = {  # sized for a 2-core CPU; the validation split is 20% of these train rows
+    "image": ["--dataset", "mnist", "--train-per-class", "100", "--batch-size", "16"],
+    "fashion": ["--dataset", "fashion_mnist", "--train-per-class", "100", "--batch-size", "16"],
+    "clinc150": ["--dataset", "clinc150", "--train-per-class", "20", "--batch-size", "32"],
+}
+BASE = {"optimizer": "sgd", "lr": 1e-3, "adapt": "every", "steps_per_task": 10, "density": 0.05, "grad_drop": 0.9}
+RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, weight decay 5e-4)
+    "sgd-1e-3-every": {},
+    "sgd-1e-3-first": {"adapt": "first"},
+    "sgd-3e-3-every": {"lr": 3e-3},
+    "sgd-3e-3-first": {"lr": 3e-3, "adapt": "first"},
+    "sgd-1e-3-every-20steps": {"steps_per_task": 20},
+    "sgd-1e-3-every-density0.10": {"density": 0.10},
+    "sgd-1e-3-every-drop0.8": {"grad_drop": 0.8},
+    "adamw-1e-4-every": {"optimizer": "adamw", "lr": 1e-4},
+}
+HOSTS = ("simplecil", "ranpac")
+
+
+def run_suite(suite: str, seed: int, recipes: list[str], data_dir: str | None) -> Path:
+    argv = ["continual", *SUITES[suite], "--seed", str(seed)] + (["--data-dir", data_dir] if data_dir else [])
+    args = build_parser().parse_args(argv)
+    data, kind = load_data(args)
+    data = validation_split({"train": _subsample(data["train"], args.train_per_class, seed)}, 0.2, seed)
+    make_backbone, collate, _ = load_backbone(args, kind)
+    tasks = make_tasks(data, args)
+    path = OUT / f"{suite}_{seed}.json"
+    done = json.loads(path.read_text()) if path.exists() else {"suite": suite, "seed": seed, "runs": {}}
+    for name in ["frozen", *recipes]:
+        if name in done["runs"]:
+            continue
+        recipe = {**BASE, **RECIPES.get(name, {})}
+        config = make_config(argparse.Namespace(**{**vars(args), **recipe, "methods": name if name == "frozen"
+                                                   else "mist"}))
+        methods = run_continual(make_backbone, tasks, collate, config)["methods"]
+        done["runs"][name] = {"recipe": recipe, "rows": {k: {m: v[m] for m in ("avg_acc", "last_acc", "forgetting")}
+                                                         for k, v in methods.items()}}
+        print(f"{suite} seed {seed} {name}: " + ", ".join(f"{k} {v['avg_acc']:.2f}" for k, v in methods.items()))
+        OUT.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(done, indent=1))
+    return path
+
+
+def summarise() -> str:
+    """Mean paired gains (host+mist minus the frozen host, validation Avg / Last / forgetting) per suite and
+    host, and the worst case over them, which picks the default."""
+    per = {}  # recipe -> (suite, host) -> list of (dAvg, dLast, dForgetting)
+    for path in sorted(OUT.glob("*_*.json")):
+        done = json.loads(path.read_text())
+        frozen = done["runs"].get("frozen", {}).get("rows", {})
+        for name, run in done["runs"].items():
+            if name == "frozen":
+                continue
+            for host in HOSTS:
+                row, base = run["rows"].get(f"{host}+mist"), frozen.get(host)
+                if row and base:
+                    per.setdefault(name, {}).setdefault((done["suite"], host), []).append(
+                        tuple(row[k] - base[k] for k in ("avg_acc", "last_acc", "forgetting")))
+    cells = sorted({c for r in per.values() for c in r})
+    lines = ["| recipe | " + " | ".join(f"{s} {h}" for s, h in cells) + " | worst Avg gain |",
+             "|---|" + "---:|" * (len(cells) + 1)]
+    summary = {}
+    for name, by_cell in per.items():
+        means = {c: [statistics.mean(x[i] for x in by_cell[c]) for i in range(3)] for c in by_cell}
+        worst = min(m[0] for m in means.values())
+        summary[name] = {"recipe": {**BASE, **RECIPES.get(name, {})}, "worst_avg_gain": worst,
+                         "gains": {f"{s}/{h}": {"avg": m[0], "last": m[1], "forgetting": m[2],
+                                                "seeds": len(by_cell[(s, h)])} for (s, h), m in means.items()}}
+        lines.append(f"| {name} | " + " | ".join(
+            f"{means[c][0]:+.2f} / {means[c][1]:+.2f} / {means[c][2]:+.2f}" if c in means else "-" for c in cells)
+            + f" | {worst:+.2f} |")
+    lines += ["", "Cells: validation Avg / Last / forgetting of host+mist minus the frozen host (points), mean over "
+              "the seeds run. The default is the recipe with the best worst-case Avg gain."]
+    (OUT / "summary.json").write_text(json.dumps(summary, indent=1))
+    (OUT / "summary.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES))
+    parser.add_argument("--seeds", default="1993", help="comma-separated seeds")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names from RECIPES")
+    parser.add_argument("--data-dir", default=None, help="CLINC150 folder for --suite clinc150")
+    parser.add_argument("--summarise", action="store_true", help="only merge the result files into a summary")
+    args = parser.parse_args()
+    if not args.summarise:
+        if args.suite is None:
+            parser.error("--suite is required unless --summarise")
+        for seed in (int(s) for s in args.seeds.split(",")):
+            run_suite(args.suite, seed, args.recipes.split(","), args.data_dir)
+    print(summarise())
+
+
+if __name__ == "__main__":
+    main()
