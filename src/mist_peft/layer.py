@@ -10,11 +10,12 @@ Life of an adapter on a layer:
   never replaces the parameter (global granularity cannot know its sizes before selection);
 - *selected* by data-free top-k (at injection), MI-Fisher (`scoring.py`), the `"fisher"` warm-up of the
   user's own loop (here), or a checkpoint;
-- tuned with gradient dropout drawn per optimizer step (`optim.py`). For Linear and Conv1D a fused autograd
-  function computes the values' gradient only at the entries kept in that step (a sampled matmul).
+- tuned with gradient dropout drawn per optimizer step (`optim.py`): a fixed-count subset, drawn without a
+  host sync. The values' gradient is computed only at the entries kept in that step: a sampled matmul for
+  Linear and Conv1D, a per-token sum for Embedding, a gather of the (small) dense gradient for Conv2d.
 
-Engine (`ENGINE`): with "inplace" (default), while exactly one adapter is active on a Linear/Conv1D layer
-its effective entries live in the base weight's own storage (the overwritten base entries are kept, as
+Engine (`ENGINE`): with "inplace" (default), while exactly one adapter is active on a layer (and the base
+weight is frozen) its effective entries live in the base weight's own storage (the overwritten base entries are kept, as
 `merge()` keeps them), rewritten entry by entry only after its values changed. The forward is then the
 base layer's own kernel with no copy of the weight, and the backward adds only the values' gradient at the
 kept entries. Anything that needs the true base weight (disabling, switching or deleting adapters, merging,
