@@ -387,3 +387,18 @@ def test_inplace_engine_equals_the_compose_reference_step_for_step(kind, monkeyp
     assert torch.equal(runs["compose"][0], runs["inplace"][0])
     assert all(torch.equal(a, b) for a, b in zip(runs["compose"][1], runs["inplace"][1], strict=True))
     assert torch.equal(runs["compose"][2], runs["inplace"][2])
+
+
+def test_loading_an_adapter_state_into_a_live_layer_keeps_the_base_exact():
+    """Loading new indices and values while the in-place engine holds W + delta restores the base first."""
+    source, inputs, reference, _ = make("bert", grad_drop=0.5, selection="random", seed=1)
+    train(source, inputs, steps=2)
+    target, *_ = make("bert", grad_drop=0.5, selection="random", seed=2)
+    train(target, inputs, steps=2)
+    assert all(m._live == "default" for m in mist_layers(target).values())
+    state = {k: v for k, v in source.state_dict().items() if "mist_" in k}
+    assert not target.load_state_dict(state, strict=False).unexpected_keys  # plain torch loading, in place
+    with torch.no_grad():
+        assert torch.equal(model_output(target, inputs), model_output(source, inputs))
+        with target.disable_adapter():
+            assert torch.equal(model_output(target, inputs), reference)

@@ -310,10 +310,11 @@ class MISTLayer(BaseTunerLayer):
         stamp = (id(values), values._version)
         if self._live == adapter_name and self._live_stamp == stamp:
             return
-        self.restore_base_weight()
         flat = self.get_base_layer().weight.data.view(-1)  # .data: autograd must not see this bookkeeping
         idx = self.mist_indices[adapter_name]
-        self._live_backup = flat.index_select(0, idx)
+        if self._live != adapter_name:  # same adapter, new values: its indices and backup are still right
+            self.restore_base_weight()
+            self._live_backup = flat.index_select(0, idx)
         flat.index_copy_(0, idx, effective_entries(self._live_backup, values.detach()))
         self._live, self._live_stamp = adapter_name, stamp
 
@@ -571,6 +572,11 @@ def _kept_weight_grad(gy2: torch.Tensor, x2: torch.Tensor, flat: torch.Tensor, s
     return (left.t() @ right).reshape(-1).index_select(0, flat)
 
 
+def _restore_before_load(module: MISTLayer, *args: Any) -> None:
+    """Loading may replace the live adapter's indices in place: put the true base weight back first."""
+    module.restore_base_weight()
+
+
 class _MISTModule(nn.Module, MISTLayer):
     """A module wrapping one base layer with its MIST adapters."""
 
@@ -580,6 +586,7 @@ class _MISTModule(nn.Module, MISTLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_key=module_key)
         self._register_state_dict_hook(MISTLayer._state_dict_with_base_weight)
+        self.register_load_state_dict_pre_hook(_restore_before_load)
 
     def __repr__(self) -> str:
         return "mist." + super().__repr__()
