@@ -402,3 +402,22 @@ def test_loading_an_adapter_state_into_a_live_layer_keeps_the_base_exact():
         assert torch.equal(model_output(target, inputs), model_output(source, inputs))
         with target.disable_adapter():
             assert torch.equal(model_output(target, inputs), reference)
+
+
+def test_inplace_conv2d_and_embedding_take_unbatched_and_int32_inputs(monkeypatch):
+    """The in-place gradients handle what the base layers accept: an unbatched image, int32 token ids."""
+    grads = {}
+    for engine in ("compose", "inplace"):
+        monkeypatch.setattr(layer_mod, "ENGINE", engine)
+        torch.manual_seed(0)
+        base = torch.nn.ModuleDict({"conv": torch.nn.Conv2d(3, 4, 3), "embed": torch.nn.Embedding(20, 6)})
+        model = get_peft_model(base, MISTConfig(target_modules=["conv", "embed"], selection="random", density=0.5,
+                                                grad_drop=0.5))
+        conv, embed = model.base_model.model["conv"], model.base_model.model["embed"]
+        image = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(1))
+        ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(2), dtype=torch.int32)
+        (conv(image).pow(2).sum() + embed(ids).pow(2).sum()).backward()
+        assert (conv._live == embed._live == "default") == (engine == "inplace")
+        grads[engine] = [m.mist_values["default"].grad for m in (conv, embed)]
+    assert all(bool((g != 0).any()) for g in grads["inplace"])
+    assert all(torch.equal(a, b) for a, b in zip(grads["compose"], grads["inplace"], strict=True))

@@ -698,6 +698,8 @@ class Conv2d(_MISTModule):
 
     def _kept_grad(self, x: torch.Tensor, gy: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
+        if x.dim() == 3:  # an unbatched input
+            x, gy = x.unsqueeze(0), gy.unsqueeze(0)
         grad_w = torch.nn.grad.conv2d_weight(x.to(gy.dtype), base.weight.shape, gy, base.stride, base.padding,
                                              base.dilation, base.groups)
         return grad_w.reshape(-1).index_select(0, flat)
@@ -721,7 +723,7 @@ class Embedding(_MISTModule):
         kept entries. Memory O(tokens x dim); no host sync (sort, cumsum, searchsorted)."""
         dim = self.get_base_layer().embedding_dim
         padding_idx = self.get_base_layer().padding_idx
-        ids = ids.reshape(-1)
+        ids = ids.reshape(-1).long()  # int32 ids are valid input; searchsorted needs one dtype
         gy2 = gy.reshape(-1, dim)
         tokens = ids.numel()
         if tokens == 0:
