@@ -8,6 +8,7 @@ from peft import PeftModel, get_peft_model, inject_adapter_in_model
 from torch import nn
 
 from mist_peft import MISTConfig
+from mist_peft import layer as layer_mod
 from mist_peft import model as model_mod
 from mist_peft.selection import is_selected, mist_layers
 
@@ -232,3 +233,45 @@ def test_tied_weights_are_refused_with_the_fix():
         get_peft_model(lm, MISTConfig(target_modules=["wte"], selection="random"))
     model = get_peft_model(lm, MISTConfig(target_modules=["c_fc"], selection="random"))  # untied targets: fine
     assert mist_layers(model)
+
+
+class EmbedConv(nn.Module):
+    """An Embedding feeding a Conv2d (plain torch), for the in-place engine of both layer types."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 48, padding_idx=0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, ids):
+        return self.conv(self.embed(ids).view(-1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("setting", ["bf16 base", "bf16 autocast"])
+def test_conv2d_and_embedding_engines_agree_in_half_precision(setting, monkeypatch):
+    """In-place and compose engines give bit-identical outputs, value gradients and values with a bf16 base
+    and under bf16 autocast (values stay fp32)."""
+    ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for engine in ("compose", "inplace"):
+        monkeypatch.setattr(layer_mod, "ENGINE", engine)
+        torch.manual_seed(0)
+        base = EmbedConv().to(torch.bfloat16) if setting == "bf16 base" else EmbedConv()
+        model = get_peft_model(base, MISTConfig(target_modules=["embed", "conv"], selection="random", density=0.3,
+                                                grad_drop=0.5))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.train()
+        trace = []
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "bf16 autocast"):
+                out = model(ids)
+            out.float().pow(2).mean().backward()
+            values = [m.mist_values["default"] for m in mist_layers(model).values()]
+            assert all(v.grad.dtype == torch.float32 and bool((v.grad != 0).any()) for v in values)
+            trace += [out.detach().clone()] + [v.grad.clone() for v in values]
+            opt.step()
+            opt.zero_grad()
+        trace += [m.mist_values["default"].detach().clone() for m in mist_layers(model).values()]
+        assert all((m._live == "default") == (engine == "inplace") for m in mist_layers(model).values())
+        runs[engine] = trace
+    assert all(torch.equal(a, b) for a, b in zip(runs["compose"], runs["inplace"], strict=True))

@@ -1,9 +1,11 @@
 """The MIST tuner on BERT, ViT, GPT-2 (Conv1D), a small Llama and a Conv2d model."""
 
+import math
+
 import pytest
 import torch
 from conftest import MODELS, model_output, tiny_bert, tiny_inputs
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 import mist_peft
 from mist_peft import MISTConfig
@@ -92,13 +94,40 @@ def test_about_one_minus_grad_drop_of_selected_entries_move_per_step(kind):
         opt.zero_grad()
         moved = total = 0
         for n, m in layers.items():
+            n_values = before[n].numel()
+            assert kept[n].numel() in (math.floor(0.1 * n_values), math.ceil(0.1 * n_values)), n  # fixed count
+            assert bool((kept[n][1:] > kept[n][:-1]).all()), "kept positions are sorted and distinct"
             diff = torch.nonzero(m.mist_values["default"].detach() != before[n]).reshape(-1)
             assert torch.isin(diff, kept[n]).all(), "an entry outside the kept subset moved"
             moved += diff.numel()
             total += before[n].numel()
         shares.append(moved / total)
     mean = sum(shares) / len(shares)
-    assert 0.07 <= mean <= 0.13, shares  # binomial spread on a few thousand entries
+    assert 0.07 <= mean <= 0.13, shares  # an entry whose gradient is zero does not move
+
+
+def test_kept_draw_has_a_fixed_count_and_every_entry_keeps_probability_one_minus_grad_drop():
+    """The sync-free draw: floor or ceil of (1 - p) n entries per step, a uniform subset (marginals 1 - p)."""
+    model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query"], selection="magnitude", density=1.0,
+                                                   grad_drop=0.9))
+    layer = next(iter(mist_layers(model).values()))
+    n = layer.mist_values["default"].numel()  # 1024: 102.4 expected per step
+    model.train()
+    hits = torch.zeros(n)
+    counts = []
+    steps = 500
+    for _ in range(steps):
+        kept = layer.kept_positions("default")
+        counts.append(kept.numel())
+        hits[kept] += 1
+        layer.mist_step += 1
+    assert set(counts) == {102, 103}
+    assert abs(sum(counts) / steps - 102.4) < 0.1  # the fraction is rounded up with probability 0.4
+    freq = hits / steps
+    assert abs(float(freq.mean()) - 0.1) < 0.001
+    assert float((freq - 0.1).abs().max()) < 0.07  # 5 binomial sd (0.013): no entry is favoured
+    first, second = hits[: n // 2].sum(), hits[n // 2:].sum()
+    assert abs(float(first - second)) / float(hits.sum()) < 0.02  # no bias toward low positions
 
 
 def test_strict_sparsity_keeps_value_and_optimizer_state_of_dropped_entries():
@@ -317,10 +346,10 @@ def test_rescale_kept_grads_scales_the_kept_gradient_by_one_over_keep_probabilit
         torch.testing.assert_close(layer.mist_values["default"].grad, expected, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_inplace_engine_equals_the_compose_reference_step_for_step(kind, monkeypatch):
-    """Both engines give bit-identical outputs, gradients and trained values; the in-place one restores the
-    true base weight for everything that reads it."""
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "cnn", "bert"])
+def test_inplace_engine_equals_the_compose_reference_step_for_step(kind, monkeypatch, tmp_path):
+    """Both engines give bit-identical outputs, gradients and trained values (Linear, Conv1D, Conv2d in "cnn",
+    Embedding in "bert"); the in-place one restores the true base weight for everything that reads it."""
     runs = {}
     for engine in ("compose", "inplace"):
         monkeypatch.setattr(layer_mod, "ENGINE", engine)
@@ -329,19 +358,66 @@ def test_inplace_engine_equals_the_compose_reference_step_for_step(kind, monkeyp
         grads = []
         for _ in range(3):
             model_output(model, inputs).pow(2).mean().backward()
-            grads.append(torch.cat([m.mist_values["default"].grad.clone() for m in mist_layers(model).values()]))
+            values = [m.mist_values["default"] for m in mist_layers(model).values()]
+            grads.append(torch.cat([torch.zeros_like(v) if v.grad is None else v.grad.clone() for v in values]))
             opt.step()
             opt.zero_grad()
+        live = {type(m).__name__ for m in mist_layers(model).values() if m._live == "default"}
+        assert live == (set() if engine == "compose" else {type(m).__name__ for m in mist_layers(model).values()})
+        values = torch.cat([m.mist_values["default"].detach().clone() for m in mist_layers(model).values()])
         with torch.no_grad():
             out = model_output(model, inputs)
             with model.disable_adapter():
                 assert torch.equal(model_output(model, inputs), reference)
             assert torch.equal(model_output(model, inputs), out)
+            model.merge_adapter()
+            assert torch.equal(model_output(model, inputs), out)
+            model.unmerge_adapter()
+            assert torch.equal(model_output(model, inputs), out)
         for name in mist_layers(model):
             assert torch.equal(model.state_dict()[f"{name}.base_layer.weight"], snapshot[base_weight_key(name)])
-        runs[engine] = (out, grads)
+        model.save_pretrained(tmp_path / engine)
+        loaded = PeftModel.from_pretrained(MODELS[kind](), tmp_path / engine)
+        with torch.no_grad():
+            assert torch.equal(model_output(loaded, inputs), out)
+        runs[engine] = (out, grads, values)
         plain = model.unload()
         with torch.no_grad():
             assert torch.equal(model_output(plain, inputs), reference)
     assert torch.equal(runs["compose"][0], runs["inplace"][0])
     assert all(torch.equal(a, b) for a, b in zip(runs["compose"][1], runs["inplace"][1], strict=True))
+    assert torch.equal(runs["compose"][2], runs["inplace"][2])
+
+
+def test_loading_an_adapter_state_into_a_live_layer_keeps_the_base_exact():
+    """Loading new indices and values while the in-place engine holds W + delta restores the base first."""
+    source, inputs, reference, _ = make("bert", grad_drop=0.5, selection="random", seed=1)
+    train(source, inputs, steps=2)
+    target, *_ = make("bert", grad_drop=0.5, selection="random", seed=2)
+    train(target, inputs, steps=2)
+    assert all(m._live == "default" for m in mist_layers(target).values())
+    state = {k: v for k, v in source.state_dict().items() if "mist_" in k}
+    assert not target.load_state_dict(state, strict=False).unexpected_keys  # plain torch loading, in place
+    with torch.no_grad():
+        assert torch.equal(model_output(target, inputs), model_output(source, inputs))
+        with target.disable_adapter():
+            assert torch.equal(model_output(target, inputs), reference)
+
+
+def test_inplace_conv2d_and_embedding_take_unbatched_and_int32_inputs(monkeypatch):
+    """The in-place gradients handle what the base layers accept: an unbatched image, int32 token ids."""
+    grads = {}
+    for engine in ("compose", "inplace"):
+        monkeypatch.setattr(layer_mod, "ENGINE", engine)
+        torch.manual_seed(0)
+        base = torch.nn.ModuleDict({"conv": torch.nn.Conv2d(3, 4, 3), "embed": torch.nn.Embedding(20, 6)})
+        model = get_peft_model(base, MISTConfig(target_modules=["conv", "embed"], selection="random", density=0.5,
+                                                grad_drop=0.5))
+        conv, embed = model.base_model.model["conv"], model.base_model.model["embed"]
+        image = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(1))
+        ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(2), dtype=torch.int32)
+        (conv(image).pow(2).sum() + embed(ids).pow(2).sum()).backward()
+        assert (conv._live == embed._live == "default") == (engine == "inplace")
+        grads[engine] = [m.mist_values["default"].grad for m in (conv, embed)]
+    assert all(bool((g != 0).any()) for g in grads["inplace"])
+    assert all(torch.equal(a, b) for a, b in zip(grads["compose"], grads["inplace"], strict=True))

@@ -52,6 +52,9 @@ class MISTTrainingConfig:
     epochs: int = 1
     max_score_batches: int | None = None
     num_classes: int | None = None
+    # debug: log a hash of each step's kept subsets ("kept_digest"), e.g. to check that DDP ranks agree;
+    # off by default since it copies every subset to the host, a device sync per layer per step
+    log_kept_digest: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lr", "head_lr", "temperature"):
@@ -172,8 +175,9 @@ def train_mist(model: nn.Module, dataloader: Iterable, *, head: nn.Module | None
                 step += 1
                 logged = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
                 losses = []
-                history.append({"step": step, "mi_loss": logged, "kept_share": share,
-                                "kept_digest": kept_digest(model, adapter)})
+                history.append({"step": step, "mi_loss": logged, "kept_share": share})
+                if config.log_kept_digest:
+                    history[-1]["kept_digest"] = kept_digest(model, adapter)
                 accelerator.log({"mi_loss": logged, "kept_share": share}, step=step)
                 bar.update(1)
                 bar.set_postfix(mi_loss=f"{logged:.3f}", kept=f"{share:.3f}")
