@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     model = get_peft_model(AutoModel.from_pretrained(args.model), config)
     result = train_mist(model, loader, accelerator=accelerator,
                         config=MISTTrainingConfig(max_steps=args.max_steps, lr=args.lr,
-                                                  max_score_batches=args.score_batches))
+                                                  max_score_batches=args.score_batches, log_kept_digest=True))
     local = {**state_fingerprint(model), "kept_per_step": [h["kept_digest"] for h in result["history"]]}
     fingerprints = accelerator.gather_for_metrics([local], use_gather_object=True)
     out = Path(args.output_dir)

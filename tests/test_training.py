@@ -235,7 +235,7 @@ def test_train_mist_on_synthetic_data_selects_tunes_and_keeps_the_rest():
     model = get_peft_model(bert_without_dropout(), MISTConfig(target_modules=["query", "value", "dense"],
                                                               density=0.1, grad_drop=0.5))
     base = {n: m.get_base_layer().weight.detach().clone() for n, m in adapter_layers(model, "default").items()}
-    config = MISTTrainingConfig(max_steps=30, max_score_batches=2, lr=1e-2)
+    config = MISTTrainingConfig(max_steps=30, max_score_batches=2, lr=1e-2, log_kept_digest=True)
     views = FunctionViews(shifted_views)
     torch.manual_seed(0)
     head = build_objective(model, config).head
@@ -269,7 +269,7 @@ def _train_mist_with_accumulation(accumulation: int, batches: int):
                                                               grad_drop=0.5, selection="magnitude"))
     torch.manual_seed(0)
     result = train_mist(model, DataLoader(rows, batch_size=8, collate_fn=collate),
-                        config=MISTTrainingConfig(optimizer="sgd", momentum=0.0, lr=0.5),
+                        config=MISTTrainingConfig(optimizer="sgd", momentum=0.0, lr=0.5, log_kept_digest=True),
                         accelerator=Accelerator(gradient_accumulation_steps=accumulation, cpu=True),
                         views=FunctionViews(shifted_views))
     return result, mist_state(model)
