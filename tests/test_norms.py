@@ -297,3 +297,59 @@ def test_exclude_modules_leaves_a_norm_frozen():
 def test_config_rejects_a_non_bool():
     with pytest.raises(ValueError, match="tune_biases_and_norms"):
         MISTConfig(tune_biases_and_norms="yes")
+
+
+def _rows(n=48, classes=3):
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(10, 120, (10,), generator=g)
+        ids[:3] = 1 + (i % classes)
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(10, dtype=torch.long), "labels": i % classes})
+    return rows
+
+
+def _collate(rows):
+    return {"input_ids": torch.stack([r["input_ids"] for r in rows]),
+            "attention_mask": torch.stack([r["attention_mask"] for r in rows]),
+            "labels": torch.tensor([r["labels"] for r in rows])}
+
+
+def test_continual_flag_reaches_mist_through_adapt_backbone_and_train_mist():
+    from torch.utils.data import DataLoader
+
+    from mist_peft.cli import build_parser, make_config
+    from mist_peft.continual.runner import adapt_backbone
+
+    config = make_config(build_parser().parse_args(["continual", "--tune-biases-and-norms", "--steps-per-task", "3",
+                                                    "--score-batches", "1", "--lr", "1e-2", "--grad-drop", "0.5"]))
+    assert config.tune_biases_and_norms and not make_config(build_parser().parse_args(["continual"])).tune_biases_and_norms
+    base = MODELS["bert"]()
+    before = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    loader = DataLoader(_rows(), batch_size=16, collate_fn=_collate)
+    plain, _ = adapt_backbone(base, "mist", loader, config, head=None, num_classes=3, accelerator=None)
+    after = plain.state_dict()
+    assert after.keys() == before.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # train_mist's optimizer trained the norm and bias deltas (MI-Fisher selected only the weights' entries)
+    assert any(k.endswith("LayerNorm.weight") for k in changed) and any(k.endswith("LayerNorm.bias") for k in changed)
+    assert any(k.endswith("query.bias") for k in changed)
+    assert not any(k.startswith("pooler.") for k in changed)  # excluded by the runner's default
+    for k in changed:
+        if k.endswith(".weight") and "LayerNorm" not in k and "embeddings" not in k:
+            assert int((before[k] != after[k]).sum()) <= count_for(before[k].numel(), config.density), k
+
+
+def test_hub_stats_count_the_dense_deltas_as_changed_entries_not_as_base_parameters():
+    import copy
+
+    from mist_peft.hub import adapter_stats
+
+    model, inputs, *_ = make("bert", grad_drop=0.0)
+    train(model, inputs, steps=1)
+    stats = adapter_stats(model, "default")
+    fresh = dict(MODELS["bert"]().named_parameters())
+    merged = dict(copy.deepcopy(model).merge_and_unload().named_parameters())
+    assert stats["base_parameters"] == sum(p.numel() for p in fresh.values())
+    assert stats["changed_entries"] == sum(int((merged[n] != p).sum()) for n, p in fresh.items())
+    assert stats["dense_entries"] == sum(d.numel() for *_, d in dense(model)) > 0
