@@ -353,3 +353,13 @@ def test_hub_stats_count_the_dense_deltas_as_changed_entries_not_as_base_paramet
     assert stats["base_parameters"] == sum(p.numel() for p in fresh.values())
     assert stats["changed_entries"] == sum(int((merged[n] != p).sum()) for n, p in fresh.items())
     assert stats["dense_entries"] == sum(d.numel() for *_, d in dense(model)) > 0
+
+
+def test_low_cpu_mem_usage_load_is_exact(tmp_path):
+    model, inputs, *_ = make("gpt2")
+    train(model, inputs)
+    tuned = out(model, inputs)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(MODELS["gpt2"](), tmp_path, low_cpu_mem_usage=True)
+    assert torch.equal(out(loaded, inputs), tuned)
+    assert len(dense(loaded)) == len(dense(model)) > 0
