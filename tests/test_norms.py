@@ -286,12 +286,16 @@ def test_llama_rmsnorm_is_skipped_with_a_warning_naming_the_class():
     assert not dense(model)  # Llama's projections have no bias
 
 
-def test_exclude_modules_leaves_a_norm_frozen():
+def test_exclude_modules_and_layers_to_transform_apply_to_norms():
     model = get_peft_model(MODELS["bert"](), MISTConfig(target_modules=["query"], selection="random",
                                                         tune_biases_and_norms=True,
                                                         exclude_modules=["embeddings.LayerNorm"]))
     norms = {n for n, m in model.named_modules() if isinstance(m, Norm)}
     assert len(norms) == 4 and not any(n.endswith("embeddings.LayerNorm") for n in norms)
+    model = get_peft_model(MODELS["bert"](), MISTConfig(target_modules=["query"], selection="random",
+                                                        tune_biases_and_norms=True, layers_to_transform=[0]))
+    norms = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, Norm))
+    assert norms == ["encoder.layer.0.attention.output.LayerNorm", "encoder.layer.0.output.LayerNorm"]
 
 
 def test_config_rejects_a_non_bool():
