@@ -14,6 +14,11 @@ Life of an adapter on a layer:
   host sync. The values' gradient is computed only at the entries kept in that step: a sampled matmul for
   Linear and Conv1D, a per-token sum for Embedding, a gather of the (small) dense gradient for Conv2d.
 
+Dense deltas (`tune_biases_and_norms`): `mist_bias_values[name]` covers the whole base bias of any layer type,
+and `Norm` (LayerNorm/RMSNorm) adds `mist_norm_values[name]` over its whole weight. Selected from creation,
+never scored; their effective parameter is `effective_entries(base, delta)`, composed in every forward (they
+are small) and never written in place; the dropout draws them per step with a salted seed.
+
 Engine (`ENGINE`): with "inplace" (default), while exactly one adapter is active on a layer (and the base
 weight is frozen) its effective entries live in the base weight's own storage (the overwritten base entries are kept, as
 `merge()` keeps them), rewritten entry by entry only after its values changed. The forward is then the
