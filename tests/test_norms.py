@@ -187,6 +187,10 @@ def test_save_load_round_trip_is_exact_and_stores_the_dense_deltas(kind, tmp_pat
     assert torch.equal(out(loaded, inputs), tuned)
     for (_, _, _, a), (_, _, _, b) in zip(dense(model), dense(loaded), strict=True):
         assert torch.equal(a, b)
+    plain = MODELS[kind]()
+    plain.load_adapter(str(tmp_path))  # transformers' integration
+    assert torch.equal(out(plain, inputs), tuned)
+    assert not any(p.requires_grad for p in plain.parameters())
 
 
 def test_checkpoint_with_dense_deltas_refuses_a_config_without_them(tmp_path):
