@@ -371,3 +371,16 @@ def test_low_cpu_mem_usage_load_is_exact(tmp_path):
     loaded = PeftModel.from_pretrained(MODELS["gpt2"](), tmp_path, low_cpu_mem_usage=True)
     assert torch.equal(out(loaded, inputs), tuned)
     assert len(dense(loaded)) == len(dense(model)) > 0
+
+
+def test_safe_merge_rejects_a_nan_bias_or_norm_delta_and_changes_nothing():
+    for kind in DENSE_DELTAS:
+        model, inputs, reference, snapshot = make("bert")
+        name, layer, _, delta = next(d for d in dense(model) if d[2] == kind)
+        with torch.no_grad():
+            delta[0] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            layer.merge(safe_merge=True)
+        assert not layer.merged
+        key = name.removeprefix("base_model.model.") + "." + DENSE_DELTAS[kind]
+        assert torch.equal(getattr(layer.get_base_layer(), DENSE_DELTAS[kind]), snapshot[key])
