@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frozen-quantile", type=float, default=None,
                    help="reference frozen set: after each task freeze entries at or above this score quantile "
                         "(1.0: the maximum plus ties; 0.9995)")
+    p.add_argument("--tune-biases-and-norms", action="store_true",
+                   help="also tune every bias and LayerNorm/RMSNorm as dense deltas, under the gradient dropout "
+                        "(the reference's behaviour; off by default)")
     p.add_argument("--select-on-validation", action="store_true",
                    help="choose the recipe (optimizer, lr, when to adapt) on a validation split carved from the "
                         "train data, then run it; the choice is reported in results.json")
@@ -158,7 +161,7 @@ def make_config(args: argparse.Namespace) -> ContinualConfig:
         momentum=args.momentum, weight_decay=args.weight_decay, pooling=args.pooling,
         projection_dim=args.projection_dim, drift_compensation=_drift_modes(args.drift_compensation),
         diagnostics=args.diagnostics, overlap_decay=args.overlap_decay, frozen_quantile=args.frozen_quantile,
-        seed=args.seed)
+        tune_biases_and_norms=args.tune_biases_and_norms, seed=args.seed)
 
 
 DEFAULT_TASKS = 5

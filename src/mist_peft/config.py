@@ -64,6 +64,13 @@ class MISTConfig(PeftConfig):
         default=False,
         metadata={"help": "Scale kept gradients by 1/(1-grad_drop) (inverted dropout). The reference does not."},
     )
+    tune_biases_and_norms: bool = field(
+        default=False,
+        metadata={"help": "Also tune every bias of the targeted layers and the weight and bias of every nn.LayerNorm "
+                  "/ nn.RMSNorm (outside `exclude_modules`) as dense deltas: all their entries are selectable, never "
+                  "scored, and the gradient dropout still applies. The reference does this; off by default "
+                  "(MIST_SPEC 'Decisions')."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the random selection and the gradient-dropout draws."})
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained densely and saved whole (e.g. a classifier head)."}
@@ -102,6 +109,8 @@ class MISTConfig(PeftConfig):
             raise bad("grad_drop", self.grad_drop, "it must be a number with 0 <= grad_drop < 1 (e.g. 0.9)")
         if not isinstance(self.rescale_kept_grads, bool):
             raise bad("rescale_kept_grads", self.rescale_kept_grads, "it must be True or False")
+        if not isinstance(self.tune_biases_and_norms, bool):
+            raise bad("tune_biases_and_norms", self.tune_biases_and_norms, "it must be True or False")
         if isinstance(self.score_steps, bool) or not isinstance(self.score_steps, int) or self.score_steps < 1:
             raise bad("score_steps", self.score_steps, "it must be an integer >= 1")
         if self.selection == "fisher" and self.granularity == "global":

@@ -9,6 +9,7 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCard
 
+from .layer import DENSE_DELTAS, MISTLayer
 from .names import is_mist_config
 from .selection import mist_layers
 
@@ -20,11 +21,16 @@ def adapter_stats(model: Any, adapter_name: str) -> dict[str, Any]:
     layers = list(mist_layers(model, adapter_name).values())
     targeted = sum(m.get_base_layer().weight.numel() for m in layers)
     selected = sum(m.mist_values[adapter_name].numel() for m in layers)
-    changed = sum(int((m.mist_values[adapter_name] != 0).sum()) for m in layers)
-    mist_params = {id(m.mist_values[adapter_name]) for m in layers}
+    # tune_biases_and_norms: dense deltas over whole biases and norm weights (every MIST layer type)
+    dense = [getattr(m, kind)[adapter_name] for m in model.modules() if isinstance(m, MISTLayer)
+             for kind in DENSE_DELTAS if adapter_name in getattr(m, kind)]
+    changed = sum(int((m.mist_values[adapter_name] != 0).sum()) for m in layers) + sum(int((d != 0).sum())
+                                                                                        for d in dense)
+    mist_params = {id(m.mist_values[adapter_name]) for m in layers} | {id(d) for d in dense}
     base_params = sum(p.numel() for p in model.parameters() if id(p) not in mist_params)
     return {"modules": len(layers), "targeted_weights": targeted, "selected_entries": selected,
-            "changed_entries": changed, "base_parameters": base_params}
+            "dense_entries": sum(d.numel() for d in dense), "changed_entries": changed,
+            "base_parameters": base_params}
 
 
 def add_mist_model_card(model: Any, readme_path: str, extra_tags: list[str] | None = None) -> None:
@@ -47,8 +53,9 @@ def add_mist_model_card(model: Any, readme_path: str, extra_tags: list[str] | No
         targets = config.target_modules if isinstance(config.target_modules, str) else ", ".join(
             sorted(config.target_modules))
         share = s["changed_entries"] / max(1, s["base_parameters"])
+        dense = f" + {s['dense_entries']:,} bias/norm" if s["dense_entries"] else ""
         lines.append(f"| {name} | {targets} | {config.density} | {config.granularity} | {config.selection} | "
-                     f"{config.grad_drop} | {s['selected_entries']:,} of {s['targeted_weights']:,} | "
+                     f"{config.grad_drop} | {s['selected_entries']:,} of {s['targeted_weights']:,}{dense} | "
                      f"{s['changed_entries']:,} | {100 * share:.4f}% |")
     text = card.text
     if CARD_HEADING in text:

@@ -14,6 +14,11 @@ Life of an adapter on a layer:
   host sync. The values' gradient is computed only at the entries kept in that step: a sampled matmul for
   Linear and Conv1D, a per-token sum for Embedding, a gather of the (small) dense gradient for Conv2d.
 
+Dense deltas (`tune_biases_and_norms`): `mist_bias_values[name]` covers the whole base bias of any layer type,
+and `Norm` (LayerNorm/RMSNorm) adds `mist_norm_values[name]` over its whole weight. Selected from creation,
+never scored; their effective parameter is `effective_entries(base, delta)`, composed in every forward (they
+are small) and never written in place; the dropout draws them per step with a salted seed.
+
 Engine (`ENGINE`): with "inplace" (default), while exactly one adapter is active on a layer (and the base
 weight is frozen) its effective entries live in the base weight's own storage (the overwritten base entries are kept, as
 `merge()` keeps them), rewritten entry by entry only after its values changed. The forward is then the
@@ -61,6 +66,8 @@ LIVE_LAYERS: weakref.WeakSet = weakref.WeakSet()
 RETIRED = "_mist_retired"
 
 _SEED_MOD = 2**63
+# Dense deltas (`MISTConfig.tune_biases_and_norms`): adapter dict -> the base parameter it covers, whole.
+DENSE_DELTAS = {"mist_bias_values": "bias", "mist_norm_values": "weight"}
 
 
 def count_for(numel: int, density: float) -> int:
@@ -88,6 +95,15 @@ def effective_entries(base_entries: torch.Tensor, values: torch.Tensor) -> torch
     return (base_entries.to(values.dtype) + values).to(base_entries.dtype)
 
 
+def _draw_kept(n: int, drop: float, seed: int, device: torch.device) -> torch.Tensor:
+    """Sorted positions of a fixed-count draw without replacement of `kept_count` out of n, from `seed`."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    # randperm + sort measured fastest on a 2-core CPU at n = 30k..500k (top-k of a uniform draw: +10%)
+    perm = torch.randperm(n, generator=gen, device=device)
+    return torch.sort(perm[:kept_count(n, drop, seed)]).values
+
+
 class MISTSelectionError(RuntimeError):
     """Training started on an adapter whose entries were never selected."""
 
@@ -95,15 +111,21 @@ class MISTSelectionError(RuntimeError):
 class MISTLayer(BaseTunerLayer):
     """Mixin with the per-adapter state shared by every MIST layer type."""
 
-    adapter_layer_names = ("mist_values",)
+    adapter_layer_names = ("mist_values", "mist_bias_values", "mist_norm_values")
     other_param_names = ("mist_indices", "mist_grad_drop", "mist_rescale", "mist_seed", "mist_kept", "mist_backup",
                          "mist_grad_scale", "mist_config", "mist_selected", "mist_scores", "mist_scored_steps",
-                         "mist_select_all")
+                         "mist_select_all", "mist_dense_kept", "mist_dense_backup")
+    dense_kinds: tuple[str, ...] = ("mist_bias_values",)  # the dense deltas this layer type may hold
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.mist_values = nn.ParameterDict({})
         self.mist_indices = BufferDict({}, persistent=True)
+        # tune_biases_and_norms: dense deltas over the base bias (and a norm's weight), every entry selectable
+        self.mist_bias_values = nn.ParameterDict({})
+        self.mist_norm_values = nn.ParameterDict({})
+        self.mist_dense_kept: dict[str, dict[str, tuple[int, torch.Tensor | None]]] = {}  # adapter -> kind -> draw
+        self.mist_dense_backup: dict[str, dict[str, torch.Tensor]] = {}  # base parameters saved by merge()
         self.mist_grad_drop: dict[str, float] = {}
         self.mist_rescale: dict[str, bool] = {}
         self.mist_seed: dict[str, int] = {}
@@ -133,6 +155,18 @@ class MISTLayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config, module_key: str = "") -> None:
         """Create the adapter unselected: values at their final per-tensor size (zeros), no indices yet."""
         weight = self.get_base_layer().weight
+        self._register_adapter(adapter_name, config, module_key)
+        self.mist_selected[adapter_name] = False
+        size = count_for(weight.numel(), config.density) if config.granularity == "per_tensor" else 0
+        self.mist_indices[adapter_name] = torch.zeros(0, dtype=torch.int64, device=weight.device)
+        self.mist_values[adapter_name] = nn.Parameter(torch.zeros(size, dtype=self._values_dtype(),
+                                                                  device=weight.device))
+        self._add_dense_deltas(adapter_name, config)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def _register_adapter(self, adapter_name: str, config, module_key: str) -> None:
+        """The per-adapter settings every layer type keeps (dropout, seed, config) and the layer's id."""
         if module_key:
             self.mist_key = zlib.crc32(module_key.encode())
             self.mist_name = module_key
@@ -140,13 +174,72 @@ class MISTLayer(BaseTunerLayer):
         self.mist_rescale[adapter_name] = bool(config.rescale_kept_grads)
         self.mist_seed[adapter_name] = int(config.seed)
         self.mist_config[adapter_name] = config
-        self.mist_selected[adapter_name] = False
-        size = count_for(weight.numel(), config.density) if config.granularity == "per_tensor" else 0
-        self.mist_indices[adapter_name] = torch.zeros(0, dtype=torch.int64, device=weight.device)
-        self.mist_values[adapter_name] = nn.Parameter(torch.zeros(size, dtype=self._values_dtype(),
-                                                                  device=weight.device))
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters)
+
+    def _add_dense_deltas(self, adapter_name: str, config) -> None:
+        """tune_biases_and_norms: a zero delta over every entry of the base bias (and a norm's weight); selected
+        from the start, never scored (the reference's "always selectable, dense mask")."""
+        if not getattr(config, "tune_biases_and_norms", False):
+            return
+        base = self.get_base_layer()
+        for kind in self.dense_kinds:
+            param = getattr(base, DENSE_DELTAS[kind], None)
+            if isinstance(param, torch.Tensor):
+                dtype = param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
+                getattr(self, kind)[adapter_name] = nn.Parameter(torch.zeros(param.numel(), dtype=dtype,
+                                                                             device=param.device))
+
+    def _dense_deltas(self, adapter_name: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(kind, base parameter, delta values) for each dense delta the adapter has on this layer."""
+        base = self.get_base_layer()
+        return [(kind, getattr(base, DENSE_DELTAS[kind]), getattr(self, kind)[adapter_name])
+                for kind in self.dense_kinds if adapter_name in getattr(self, kind)]
+
+    def _dense_active(self) -> bool:
+        return any(a in getattr(self, kind) for kind in self.dense_kinds for a in self.active_adapters)
+
+    def _dense_effective(self, kind: str) -> torch.Tensor | None:
+        """The base parameter plus the active adapters' dense deltas (rounded as for the weights), with an
+        autograd path to the deltas that keeps only this step's kept entries."""
+        param = getattr(self.get_base_layer(), DENSE_DELTAS[kind], None)
+        deltas = getattr(self, kind)
+        adapters = [a for a in self.active_adapters if a in deltas]
+        if param is None or not adapters:
+            return param
+        flat = param.reshape(-1)
+        for a in adapters:
+            values = deltas[a]
+            if values.requires_grad and torch.is_grad_enabled():
+                drop = self.mist_grad_drop[a]
+                scale = 1.0 / (1.0 - drop) if self.mist_rescale[a] and drop > 0 else 1.0
+                values = _KeepGrad.apply(values, self.dense_kept_positions(kind, a), scale)
+            flat = effective_entries(flat, values)
+        return flat.view_as(param)
+
+    def dense_kept_positions(self, kind: str, adapter_name: str) -> torch.Tensor | None:
+        """The kept entries of a dense delta in the current step (None: all): drawn like the weights' subset,
+        from (seed, layer id salted with the kind, step), so it differs from the weight draw."""
+        drop = self.mist_grad_drop[adapter_name]
+        if drop == 0:
+            return None
+        cache = self.mist_dense_kept.setdefault(adapter_name, {})
+        cached = cache.get(kind)
+        if cached is not None and cached[0] == self.mist_step:
+            return cached[1]
+        values = getattr(self, kind)[adapter_name]
+        seed = dropout_seed(self.mist_seed[adapter_name], self.mist_key ^ zlib.crc32(kind.encode()), self.mist_step)
+        kept = _draw_kept(values.numel(), drop, seed, values.device)
+        cache[kind] = (self.mist_step, kept)
+        return kept
+
+    def _bias(self) -> torch.Tensor | None:
+        """The bias a forward uses: the base bias plus the active adapters' bias deltas."""
+        return self._dense_effective("mist_bias_values")
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's operation on its current weight, with the effective bias when bias deltas are on."""
+        if not self._dense_active():
+            return self.base_layer(x)
+        return self._apply_weight(x, self.get_base_layer().weight)
 
     def _values_dtype(self) -> torch.dtype:
         dtype = self.get_base_layer().weight.dtype
@@ -244,12 +337,7 @@ class MISTLayer(BaseTunerLayer):
             return cached[1]
         values = self.mist_values[adapter_name]
         seed = dropout_seed(self.mist_seed[adapter_name], self.mist_key, self.mist_step)
-        gen = torch.Generator(device=values.device)
-        gen.manual_seed(seed)
-        n = values.numel()
-        # randperm + sort measured fastest on a 2-core CPU at n = 30k..500k (top-k of a uniform draw: +10%)
-        perm = torch.randperm(n, generator=gen, device=values.device)
-        kept = torch.sort(perm[:kept_count(n, drop, seed)]).values
+        kept = _draw_kept(values.numel(), drop, seed, values.device)
         self.mist_kept[adapter_name] = (self.mist_step, kept)
         return kept
 
@@ -368,18 +456,26 @@ class MISTLayer(BaseTunerLayer):
         self.restore_base_weight()
         base = self.get_base_layer()
         for name in adapter_names:
-            if name not in self.mist_values:
+            dense = [(kind, param, effective_entries(param.data.reshape(-1), values.detach()))
+                     for kind, param, values in self._dense_deltas(name)]
+            if name not in self.mist_values and not dense:
                 continue
-            if not self.mist_selected[name]:
-                self.merged_adapters.append(name)  # nothing selected: merging changes nothing
-                continue
-            idx = self.mist_indices[name]
-            flat = base.weight.data.view(-1)
-            merged = effective_entries(flat.index_select(0, idx), self.mist_values[name].detach())
-            if safe_merge and not torch.isfinite(merged).all():
+            merged = None
+            if self.mist_selected.get(name):  # else nothing selected: the weight stays as it is
+                idx = self.mist_indices[name]
+                merged = effective_entries(base.weight.data.view(-1).index_select(0, idx),
+                                           self.mist_values[name].detach())
+            if safe_merge and not all(torch.isfinite(m).all() for m in [merged, *[d[2] for d in dense]]
+                                      if m is not None):
                 raise ValueError(f"NaNs or infs detected in the merged weights; adapter '{name}' seems broken")
-            self.mist_backup[name] = flat.index_select(0, idx)
-            flat.index_copy_(0, idx, merged)
+            if merged is not None:
+                flat = base.weight.data.view(-1)
+                self.mist_backup[name] = flat.index_select(0, idx)
+                flat.index_copy_(0, idx, merged)
+            if dense:
+                self.mist_dense_backup[name] = {kind: param.data.clone() for kind, param, _ in dense}
+                for _, param, new in dense:
+                    param.data.copy_(new.view_as(param))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -387,11 +483,13 @@ class MISTLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        flat = self.get_base_layer().weight.data.view(-1)
+        base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.mist_backup:
-                flat.index_copy_(0, self.mist_indices[name], self.mist_backup.pop(name))
+                base.weight.data.view(-1).index_copy_(0, self.mist_indices[name], self.mist_backup.pop(name))
+            for kind, saved in self.mist_dense_backup.pop(name, {}).items():
+                getattr(base, DENSE_DELTAS[kind]).data.copy_(saved)
 
     def _compose_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         """W + deltas with an autograd path to the values (the reference path; Conv2d and Embedding use it)."""
@@ -598,7 +696,10 @@ class _MISTModule(nn.Module, MISTLayer):
         scoring = self._unselected_in_training()
         adapters = self._active_with_entries()
         if not adapters and not scoring:
-            return self.base_layer(x, *args, **kwargs)
+            if not self._dense_active():
+                return self.base_layer(x, *args, **kwargs)
+            self.restore_base_weight()
+            return self._dense_forward(x, [], [])  # only bias deltas are active here
         return self._sparse_forward(x, adapters) if not scoring else self._dense_forward(x, adapters, scoring)
 
     def _sparse_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
@@ -611,11 +712,11 @@ class _MISTModule(nn.Module, MISTLayer):
         name = adapters[0]
         self._write_live(name)
         if not self._training(name):
-            return self.base_layer(x)  # inference: exactly the base layer's cost
+            return self._base_forward(x)  # inference: exactly the base layer's cost
         ((idx, kept, scale),) = self._grad_inputs(adapters)
         if x.is_floating_point():
             x = self._input_for(x, base.weight.dtype)
-        return _ValuesGradFromOutput.apply(self.base_layer(x), x, self.mist_values[name], self._kept_grad,
+        return _ValuesGradFromOutput.apply(self._base_forward(x), x, self.mist_values[name], self._kept_grad,
                                            idx, kept, scale)
 
     def _live_ok(self, base: nn.Module) -> bool:
@@ -666,22 +767,22 @@ class Linear(_MISTModule):
         if live:
             self._write_live(adapters[0])
             if not self._training(adapters[0]):
-                return self.base_layer(x)  # inference: exactly the base layer's cost
+                return self._base_forward(x)  # inference: exactly the base layer's cost
         else:
             self.restore_base_weight()
         meta = self._grad_inputs(adapters)
         values = [self.mist_values[a] for a in adapters]
         x = self._input_for(x, base.weight.dtype)
-        return _SparseDeltaLinear.apply(x, base.weight, base.bias, self.fan_in_fan_out, meta, *values, live)
+        return _SparseDeltaLinear.apply(x, base.weight, self._bias(), self.fan_in_fan_out, meta, *values, live)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        base = self.get_base_layer()
+        bias = self._bias()
         x = self._input_for(x, weight.dtype)
         if self.fan_in_fan_out:
-            out = torch.addmm(base.bias, x.reshape(-1, x.shape[-1]), weight) if base.bias is not None \
+            out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight) if bias is not None \
                 else x.reshape(-1, x.shape[-1]) @ weight
             return out.view(*x.shape[:-1], weight.shape[1])
-        return F.linear(x, weight, base.bias)
+        return F.linear(x, weight, bias)
 
 
 class Conv2d(_MISTModule):
@@ -694,7 +795,7 @@ class Conv2d(_MISTModule):
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
         x = self._input_for(x, weight.dtype)
-        return base._conv_forward(x, weight, base.bias)
+        return base._conv_forward(x, weight, self._bias())
 
     def _kept_grad(self, x: torch.Tensor, gy: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
@@ -742,3 +843,34 @@ class Embedding(_MISTModule):
         present = sorted_ids.index_select(0, at) == rows
         row_group = torch.where(present, sorted_group.index_select(0, at), tokens + 1)
         return sums.reshape(-1).index_select(0, row_group * dim + cols)
+
+
+NORM_TYPES: tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+class Norm(_MISTModule):
+    """`nn.LayerNorm` / `nn.RMSNorm` under `tune_biases_and_norms`: dense deltas over its whole weight and bias
+    (every entry selectable, never scored; the gradient dropout applies). A norm's weight is 1-D, so the
+    forward always composes base + delta (cheap); both engines therefore run the same code here."""
+
+    dense_kinds = ("mist_norm_values", "mist_bias_values")
+
+    def update_layer(self, adapter_name: str, config, module_key: str = "") -> None:
+        self._register_adapter(adapter_name, config, module_key)
+        self._add_dense_deltas(adapter_name, config)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self._base_only(x, *args, **kwargs)
+        if out is not None:
+            return out
+        if not self._dense_active():
+            return self.base_layer(x, *args, **kwargs)
+        return self._apply_weight(x, self._dense_effective("mist_norm_values"))
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        base = self.get_base_layer()
+        if isinstance(base, nn.LayerNorm):
+            return F.layer_norm(x, base.normalized_shape, weight, self._bias(), base.eps)
+        return F.rms_norm(x, base.normalized_shape, weight, base.eps)

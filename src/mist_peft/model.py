@@ -4,22 +4,26 @@ Checkpoint layout, per targeted module `<m>` (keys after PEFT strips the adapter
 - `<m>.mist_values`  the delta values (float), one per selected entry;
 - `<m>.mist_indices` the sorted flat indices as a uint8 varint gap stream (`sparse_io.py`);
 - `<m>.mist_shape`   the base weight's shape (int64), so a wrong base model is reported by name and shape.
-Nothing the size of a base weight is ever written.
+Nothing the size of a base weight is ever written. With `tune_biases_and_norms`, also (dense, tiny):
+- `<m>.mist_bias_values` the delta of the module's whole bias;
+- `<m>.mist_norm_values` the delta of a LayerNorm/RMSNorm's whole weight (flattened).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
+import warnings
 from collections.abc import Iterator
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import MISTConfig
-from .layer import Conv2d, Embedding, Linear, MISTLayer
+from .layer import DENSE_DELTAS, NORM_TYPES, Conv2d, Embedding, Linear, MISTLayer, Norm
 from .names import MIST_PREFIX
 from .optim import install_optimizer_hooks
 from .selection import mist_layers, select_data_free
@@ -70,9 +74,12 @@ class MISTModel(BaseTuner):
             new = Conv2d(target, adapter_name, config, module_key=current_key)
         elif isinstance(base, nn.Embedding):
             new = Embedding(target, adapter_name, config, module_key=current_key)
+        elif isinstance(base, NORM_TYPES) and config.tune_biases_and_norms:
+            new = Norm(target, adapter_name, config, module_key=current_key)
         else:
             raise ValueError(
-                f"Module '{current_key}' is a {type(base).__name__}; MIST supports {_SUPPORTED}. "
+                f"Module '{current_key}' is a {type(base).__name__}; MIST supports {_SUPPORTED} (and "
+                "nn.LayerNorm / nn.RMSNorm with `tune_biases_and_norms=True`). "
                 "Remove it from `target_modules` or add it to `exclude_modules`."
             )
         if adapter_name not in self.active_adapters:
@@ -86,6 +93,7 @@ class MISTModel(BaseTuner):
         provides the entries), nor under `low_cpu_mem_usage` (the values live on the meta device)."""
         install_optimizer_hooks()
         self._weight_owners = _weight_owners(model)
+        self._norm_keys = _norm_keys(model, self.peft_config[adapter_name])
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict, **kwargs)
         config = self.peft_config[adapter_name]
@@ -99,6 +107,16 @@ class MISTModel(BaseTuner):
             layer.mist_select_all[adapter_name] = select
         if not (_LOADING.get() or low_cpu_mem_usage or state_dict is not None):
             select()
+
+    def _check_target_module_exists(self, peft_config: MISTConfig, key: str):
+        """PEFT's matching, plus every LayerNorm/RMSNorm when `tune_biases_and_norms` is on (as if it were
+        named in `target_modules`, so `exclude_modules`, `modules_to_save` and `layers_to_transform` apply)."""
+        result = check_target_module_exists(peft_config, key)
+        if result or key not in getattr(self, "_norm_keys", ()):
+            return result
+        as_target = copy.copy(peft_config)
+        as_target.target_modules = {key.rsplit(".", 1)[-1]}
+        return check_target_module_exists(as_target, key)
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         for layer in mist_layers(self.model).values():
@@ -134,6 +152,7 @@ class MISTModel(BaseTuner):
                 found.setdefault(module_key, {})[leaf] = value
             else:
                 rest[key] = value
+        _check_dense_deltas(rest, modules, adapter_name, peft_prefix)
         unknown = [k for k in found if _resolve(k, modules, peft_prefix) is None]
         if unknown:
             raise ValueError(
@@ -161,6 +180,57 @@ class MISTModel(BaseTuner):
             rest[f"{module_key}.mist_indices"] = indices
             rest[f"{module_key}.mist_values"] = values
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, rest)
+
+
+def _norm_keys(model: nn.Module, config: MISTConfig) -> set[str]:
+    """Names of the norms `tune_biases_and_norms` wraps; warns once about norm classes it cannot wrap."""
+    if not config.tune_biases_and_norms:
+        return set()
+    keys, skipped = set(), {}
+    for name, m in model.named_modules():
+        if isinstance(m, Norm) or (isinstance(m, NORM_TYPES) and not name.endswith(".base_layer")):
+            if any(p is not None for p in (getattr(m, "weight", None), getattr(m, "bias", None))):
+                keys.add(name)
+        elif ("norm" in type(m).__name__.lower() and not isinstance(m, (MISTLayer, *NORM_TYPES))
+              and any(True for _ in m.parameters(recurse=False))
+              and not isinstance(check_target_module_exists(config, name), _ExcludedModule)):
+            skipped.setdefault(type(m).__name__, name)
+    if skipped:
+        warnings.warn(
+            "tune_biases_and_norms: MIST tunes nn.LayerNorm and nn.RMSNorm only, so these norm classes stay frozen: "
+            + ", ".join(f"{cls} (e.g. '{name}')" for cls, name in skipped.items())
+            + ". Their parameters are not tuned; add them to `modules_to_save` to train them densely.",
+            stacklevel=3,
+        )
+    return keys
+
+
+def _check_dense_deltas(state: dict, modules: dict[str, MISTLayer], adapter_name: str, peft_prefix: str) -> None:
+    """The checkpoint's bias/norm deltas must be exactly those this model's adapter has (same config)."""
+    found = {}
+    for key, value in state.items():
+        module_key, _, leaf = key.rpartition(".")
+        if leaf in DENSE_DELTAS:
+            layer = _resolve(module_key, modules, peft_prefix)
+            if layer is None or adapter_name not in getattr(layer, leaf):
+                raise ValueError(
+                    f"This MIST checkpoint has a '{leaf}' delta for '{module_key}', which this model's adapter does "
+                    "not have. It was saved with tune_biases_and_norms=True: load it with the adapter_config.json "
+                    "saved beside it, on the base model it was trained on."
+                )
+            expected = getattr(layer, leaf)[adapter_name].numel()
+            if value.numel() != expected:
+                raise ValueError(f"MIST checkpoint does not fit module '{module_key}': {value.numel()} '{leaf}' "
+                                 f"entries for {expected}. Load it on the base model it was trained on.")
+            found.setdefault(id(layer), set()).add(leaf)
+    missing = [(name, kind) for name, m in modules.items() for kind in DENSE_DELTAS
+               if adapter_name in getattr(m, kind) and kind not in found.get(id(m), set())]
+    if missing:
+        raise ValueError(
+            f"This MIST checkpoint has no '{missing[0][1]}' delta for '{missing[0][0]}' ({len(missing)} missing), "
+            "but the adapter config asks for them (tune_biases_and_norms=True). The checkpoint and its "
+            "adapter_config.json do not belong together; re-save the adapter."
+        )
 
 
 def _resolve(checkpoint_module_key: str, modules: dict[str, MISTLayer], peft_prefix: str) -> MISTLayer | None:

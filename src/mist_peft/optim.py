@@ -5,6 +5,8 @@ MIST registers torch's *global* optimizer step hooks once (`register_optimizer_s
 Trainer, TRL, Accelerate (also under `accumulate` and with `GradScaler`, which skip `step()` on overflow),
 and a plain torch loop, with no call from the user. How the guarantee works (MIST_SPEC "Decisions"):
 - Unselected entries have no trainable storage at all, so no optimizer can reach them.
+- Dense deltas (`tune_biases_and_norms`: biases, norm weights) are selected whole and follow the same rule
+  with their own per-step draw.
 - Dropped entries (selected, not kept this step) get a zero gradient from the layer, but momentum, Adam
   moments and weight decay would still move them. The pre-hook snapshots each MIST values tensor and every
   optimizer-state tensor of its shape; the post-hook writes the dropped entries back, and resets state that
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .layer import LIVE_LAYERS, RETIRED, MISTLayer
+from .layer import DENSE_DELTAS, LIVE_LAYERS, RETIRED, MISTLayer
 
 _HANDLES: list = []
 _SAVED: dict[int, tuple[list, set]] = {}  # id(optimizer) -> (snapshots, layers), between pre- and post-hook
@@ -41,11 +43,13 @@ def _is_wrapper(optimizer) -> bool:
     return isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)
 
 
-def _mist_params(optimizer) -> list[tuple[torch.Tensor, MISTLayer, str]]:
-    """(values tensor, layer, adapter) for every MIST values tensor the optimizer holds."""
+def _mist_params(optimizer) -> list[tuple[torch.Tensor, MISTLayer, str, str]]:
+    """(values tensor, layer, adapter, kind) for every MIST values tensor the optimizer holds; kind is
+    "mist_values" (the sparse weight deltas) or a dense delta of `tune_biases_and_norms` (bias, norm weight)."""
     if not LIVE_LAYERS:
         return []
-    owners = {id(v): (layer, name) for layer in list(LIVE_LAYERS) for name, v in layer.mist_values.items()}
+    owners = {id(v): (layer, name, kind) for layer in list(LIVE_LAYERS)
+              for kind in ("mist_values", *DENSE_DELTAS) for name, v in getattr(layer, kind).items()}
     out = []
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -69,13 +73,14 @@ def _before_step(optimizer, args, kwargs) -> None:
     if not params:
         return
     snapshots = []
-    for p, layer, name in params:
+    for p, layer, name, kind in params:
         if p.grad is None or p.numel() == 0:
             continue  # the optimizer skips this tensor
-        selected = layer.mist_selected.get(name, False)
+        dense = kind != "mist_values"  # dense deltas are selected from the start
+        selected = dense or layer.mist_selected.get(name, False)
         if selected and layer.mist_grad_drop[name] == 0:
             continue  # every entry is kept
-        kept = layer.mist_kept.get(name)
+        kept = layer.mist_dense_kept.get(name, {}).get(kind) if dense else layer.mist_kept.get(name)
         if selected and kept is not None and kept[0] == layer.mist_step:
             keep = kept[1]
         else:  # no forward drew a subset this step: no entry moves
@@ -83,7 +88,7 @@ def _before_step(optimizer, args, kwargs) -> None:
         state = {k: v.clone() for k, v in optimizer.state.get(p, {}).items()
                  if torch.is_tensor(v) and v.shape == p.shape}
         snapshots.append((p, keep, p.detach().clone(), state))
-    _SAVED[id(optimizer)] = (snapshots, {layer for _, layer, _ in params})
+    _SAVED[id(optimizer)] = (snapshots, {layer for _, layer, _, _ in params})
 
 
 def _after_step(optimizer, args, kwargs) -> None:
@@ -124,7 +129,8 @@ def attach_optimizer(optimizer, model: nn.Module) -> list:
     while _is_wrapper(inner):
         inner = inner.optimizer
     layers = [m for m in model.modules() if isinstance(m, MISTLayer)]
-    trainable = [v for m in layers for v in m.mist_values.values() if v.requires_grad]
+    trainable = [v for m in layers for kind in ("mist_values", *DENSE_DELTAS) for v in getattr(m, kind).values()
+                 if v.requires_grad]
     if trainable and not _mist_params(inner):
         raise ValueError(
             "None of the model's MIST values is in this optimizer. Create it from the model's trainable "

@@ -71,6 +71,7 @@ class ContinualConfig:
     overlap_decay: float | None = None
     frozen_quantile: float | None = None
     exclude_modules: Sequence[str] = field(default_factory=lambda: ["pooler.dense"])
+    tune_biases_and_norms: bool = False  # MISTConfig.tune_biases_and_norms (the reference's behaviour)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -127,6 +128,7 @@ def adapt_backbone(backbone: nn.Module, method: str, loader: DataLoader, config:
     model = get_peft_model(backbone, MISTConfig(
         target_modules="all-linear", exclude_modules=exclude, density=config.density,
         grad_drop=0.0 if method == "mist-nodrop" else config.grad_drop, selection=selection,
+        tune_biases_and_norms=config.tune_biases_and_norms,
         seed=config.seed + task_index))  # a fresh random subset (and dropout stream) per task, like MI-Fisher's
     result = train_mist(model, loader, head=head, config=train_config, accelerator=accelerator,
                         cross_task=cross_task if selection == "mi_fisher" else None)
