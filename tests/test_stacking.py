@@ -103,3 +103,21 @@ def test_merge_mist_while_prompt_is_stacked_keeps_outputs():
         before = stacked(**tiny_inputs("bert")).logits
         mist_part(stacked).merge_adapter()
         torch.testing.assert_close(stacked(**tiny_inputs("bert")).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_prompt_keeps_bias_and_norm_deltas_training():
+    """`tune_biases_and_norms`: under a stacked prompt the dense bias/norm deltas train with the weight deltas."""
+    mist = get_peft_model(bert_seq_cls(), MISTConfig(target_modules=["query", "value"], selection="magnitude",
+                                                     grad_drop=0.0, tune_biases_and_norms=True,
+                                                     task_type=TaskType.SEQ_CLS))
+    stacked = stack_prompt(mist, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4))
+    dense = {n: p for n, p in stacked.named_parameters() if "mist_bias_values" in n or "mist_norm_values" in n}
+    assert dense and all(p.requires_grad for p in dense.values())
+    before = {n: p.detach().clone() for n, p in dense.items()}
+    run(stacked, {**tiny_inputs("bert"), "labels": torch.tensor([0, 1, 0, 1])})
+    moved = [n for n, p in dense.items() if not torch.equal(p, before[n])]
+    assert any("mist_bias_values" in n for n in moved) and any("mist_norm_values" in n for n in moved)
+    frozen = stack_prompt(get_peft_model(bert_seq_cls(), MISTConfig(
+        target_modules=["query"], selection="magnitude", tune_biases_and_norms=True, task_type=TaskType.SEQ_CLS)),
+        PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4), train_mist=False)
+    assert not any(p.requires_grad for n, p in frozen.named_parameters() if "mist_" in n)
