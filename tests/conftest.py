@@ -101,3 +101,38 @@ def clinc_dir() -> Path:
     if not (CLINC_DIR / "data_full.json").exists():
         pytest.skip(f"CLINC150 not found at {CLINC_DIR} (../shared beside the repo)")
     return CLINC_DIR
+
+
+def synthetic_rows(n: int, classes: int = 3, seed: int = 0):
+    """Random token ids whose first tokens depend on the label (so the MI loss can fall)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(10, 120, (10,), generator=g)
+        ids[:3] = 1 + (i % classes)
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(10, dtype=torch.long), "labels": i % classes})
+    return rows
+
+
+def collate_rows(rows):
+    """Batch `synthetic_rows` rows."""
+    return {"input_ids": torch.stack([r["input_ids"] for r in rows]),
+            "attention_mask": torch.stack([r["attention_mask"] for r in rows]),
+            "labels": torch.tensor([r["labels"] for r in rows])}
+
+
+def train(model, inputs, steps=3, opt_cls=torch.optim.AdamW, **opt_kw):
+    """A plain loop on mean(output^2); returns the optimizer (its state is checked by some tests)."""
+    import mist_peft
+
+    opt_kw.setdefault("lr", 1e-2)
+    opt = opt_cls([p for p in model.parameters() if p.requires_grad], **opt_kw)
+    mist_peft.attach_optimizer(opt, model)
+    model.train()
+    for _ in range(steps):
+        model_output(model, inputs).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return opt
+

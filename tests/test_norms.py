@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import MODELS, model_output, tiny_inputs
+from conftest import MODELS, collate_rows, model_output, synthetic_rows, tiny_inputs, train
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
@@ -40,18 +40,6 @@ def dense(model, adapter="default"):
     """(module name, layer, kind, delta) for every dense delta of the adapter."""
     return [(n, m, kind, getattr(m, kind)[adapter]) for n, m in all_layers(model).items()
             for kind in DENSE_DELTAS if adapter in getattr(m, kind)]
-
-
-def train(model, inputs, steps=3, opt_cls=torch.optim.AdamW, **kw):
-    kw.setdefault("lr", 1e-2)
-    opt = opt_cls([p for p in model.parameters() if p.requires_grad], **kw)
-    model.train()
-    for _ in range(steps):
-        model_output(model, inputs).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    return opt
 
 
 def out(model, inputs):
@@ -307,22 +295,6 @@ def test_config_rejects_a_non_bool():
         MISTConfig(tune_biases_and_norms="yes")
 
 
-def _rows(n=48, classes=3):
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(n):
-        ids = torch.randint(10, 120, (10,), generator=g)
-        ids[:3] = 1 + (i % classes)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(10, dtype=torch.long), "labels": i % classes})
-    return rows
-
-
-def _collate(rows):
-    return {"input_ids": torch.stack([r["input_ids"] for r in rows]),
-            "attention_mask": torch.stack([r["attention_mask"] for r in rows]),
-            "labels": torch.tensor([r["labels"] for r in rows])}
-
-
 def test_continual_flag_reaches_mist_through_adapt_backbone_and_train_mist():
     from torch.utils.data import DataLoader
 
@@ -334,7 +306,7 @@ def test_continual_flag_reaches_mist_through_adapt_backbone_and_train_mist():
     assert config.tune_biases_and_norms and not make_config(build_parser().parse_args(["continual"])).tune_biases_and_norms
     base = MODELS["bert"]()
     before = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    loader = DataLoader(_rows(), batch_size=16, collate_fn=_collate)
+    loader = DataLoader(synthetic_rows(48), batch_size=16, collate_fn=collate_rows)
     plain, _ = adapt_backbone(base, "mist", loader, config, head=None, num_classes=3, accelerator=None)
     after = plain.state_dict()
     assert after.keys() == before.keys()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import collate_rows, synthetic_rows, tiny_bert
 from peft import PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
@@ -192,23 +192,6 @@ def bert_without_dropout(seed: int = 0):
                                 attention_probs_dropout_prob=0.0)).eval()
 
 
-def synthetic_rows(n: int, classes: int = 3, seed: int = 0):
-    """Random token ids whose first tokens depend on the label (so the MI loss can fall)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        ids = torch.randint(10, 120, (10,), generator=g)
-        ids[:3] = 1 + (i % classes)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(10, dtype=torch.long), "labels": i % classes})
-    return rows
-
-
-def collate(rows):
-    return {"input_ids": torch.stack([r["input_ids"] for r in rows]),
-            "attention_mask": torch.stack([r["attention_mask"] for r in rows]),
-            "labels": torch.tensor([r["labels"] for r in rows])}
-
-
 def shifted_views(batch):
     """Deterministic second view (tokens rolled by one), so two runs on the same batches are identical."""
     view2 = {**batch, "input_ids": torch.roll(batch["input_ids"], 1, dims=1)}
@@ -239,10 +222,10 @@ def test_train_mist_on_synthetic_data_selects_tunes_and_keeps_the_rest():
     views = FunctionViews(shifted_views)
     torch.manual_seed(0)
     head = build_objective(model, config).head
-    held_out = [collate(rows[i:i + 24]) for i in (0, 24)]
+    held_out = [collate_rows(rows[i:i + 24]) for i in (0, 24)]
     objective = build_objective(model, config, head=head, views=views)
     before = fixed_loss(objective, held_out)
-    result = train_mist(model, DataLoader(rows, batch_size=24, shuffle=True, collate_fn=collate,
+    result = train_mist(model, DataLoader(rows, batch_size=24, shuffle=True, collate_fn=collate_rows,
                                           generator=torch.Generator().manual_seed(0)),
                         head=head, config=config, views=views)
     after = fixed_loss(objective, held_out)
@@ -268,7 +251,7 @@ def _train_mist_with_accumulation(accumulation: int, batches: int):
     model = get_peft_model(bert_without_dropout(), MISTConfig(target_modules=["query", "value"], density=0.2,
                                                               grad_drop=0.5, selection="magnitude"))
     torch.manual_seed(0)
-    result = train_mist(model, DataLoader(rows, batch_size=8, collate_fn=collate),
+    result = train_mist(model, DataLoader(rows, batch_size=8, collate_fn=collate_rows),
                         config=MISTTrainingConfig(optimizer="sgd", momentum=0.0, lr=0.5, log_kept_digest=True),
                         accelerator=Accelerator(gradient_accumulation_steps=accumulation, cpu=True),
                         views=FunctionViews(shifted_views))
@@ -297,7 +280,7 @@ def _trainer(tmp_path, model, rows, **args):
                     report_to=[], remove_unused_columns=False, save_strategy="no", use_cpu=True,
                     train_sampling_strategy="sequential", seed=0)
     return MISTTrainer(model=model, args=TrainingArguments(**{**defaults, **args}), train_dataset=rows,
-                       data_collator=collate, views=FunctionViews(shifted_views),
+                       data_collator=collate_rows, views=FunctionViews(shifted_views),
                        mist_config=MISTTrainingConfig(optimizer="sgd", momentum=0.0, max_score_batches=1))
 
 
@@ -364,7 +347,7 @@ def test_mist_callback_on_a_plain_trainer_redraws_per_step_and_keeps_dropped_ent
 
     args = TrainingArguments(output_dir="unused", max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
                              weight_decay=0.1, report_to=[], save_strategy="no", use_cpu=True)
-    Trainer(model=model, args=args, train_dataset=synthetic_rows(24), data_collator=collate,
+    Trainer(model=model, args=args, train_dataset=synthetic_rows(24), data_collator=collate_rows,
             callbacks=[MISTCallback(), Watch()]).train()
     layers = adapter_layers(model, "default")
     assert all(m.mist_step == 3 for m in layers.values())  # the clock advanced once per optimizer step

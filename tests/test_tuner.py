@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import MODELS, model_output, tiny_bert, tiny_inputs
+from conftest import MODELS, model_output, tiny_bert, tiny_inputs, train
 from peft import PeftModel, get_peft_model
 
 import mist_peft
@@ -30,19 +30,6 @@ def make(kind, **kw):
     kw.setdefault("selection", "magnitude")
     model = get_peft_model(base, MISTConfig(target_modules=TARGETS[kind], **kw))
     return model, inputs, reference, snapshot
-
-
-def train(model, inputs, steps=3, opt_cls=torch.optim.AdamW, **opt_kw):
-    opt_kw.setdefault("lr", 1e-2)
-    opt = opt_cls([p for p in model.parameters() if p.requires_grad], **opt_kw)
-    mist_peft.attach_optimizer(opt, model)
-    model.train()
-    for _ in range(steps):
-        model_output(model, inputs).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    return opt
 
 
 def base_weight_key(name: str) -> str:
