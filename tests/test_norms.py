@@ -116,6 +116,16 @@ def test_bias_and_norm_draws_differ_from_each_other_and_from_the_weight_draw():
                              torch.device("cpu"))) for m in linears)
 
 
+def assert_disable_merge_unmerge_exact(model, inputs, reference, tuned):
+    """Disabled gives the base output; merged and unmerged give the tuned one, bit for bit."""
+    with model.disable_adapter():
+        assert torch.equal(out(model, inputs), reference)
+    model.merge_adapter()
+    assert torch.equal(out(model, inputs), tuned)
+    model.unmerge_adapter()
+    assert torch.equal(out(model, inputs), tuned)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_disable_merge_unmerge_unload_are_exact(kind):
     model, inputs, reference, snapshot = make(kind)
@@ -124,12 +134,7 @@ def test_disable_merge_unmerge_unload_are_exact(kind):
     assert all(bool(d.detach().any()) == ("pooler" not in n) for n, _, _, d in dense(model))
     tuned = out(model, inputs)
     assert not torch.equal(tuned, reference)
-    with model.disable_adapter():
-        assert torch.equal(out(model, inputs), reference)
-    model.merge_adapter()
-    assert torch.equal(out(model, inputs), tuned)
-    model.unmerge_adapter()
-    assert torch.equal(out(model, inputs), tuned)
+    assert_disable_merge_unmerge_exact(model, inputs, reference, tuned)
     for name, m, k, _ in dense(model):
         key = name.removeprefix("base_model.model.") + "." + DENSE_DELTAS[k]
         assert torch.equal(getattr(m.get_base_layer(), DENSE_DELTAS[k]), snapshot[key]), key
@@ -231,12 +236,7 @@ def test_half_precision_base_keeps_fp32_deltas_and_exact_paths(dtype):
     train(model, inputs, lr=5e-2)
     tuned = out(model, inputs)
     assert tuned.dtype == dtype and not torch.equal(tuned, reference)
-    with model.disable_adapter():
-        assert torch.equal(out(model, inputs), reference)
-    model.merge_adapter()
-    assert torch.equal(out(model, inputs), tuned)
-    model.unmerge_adapter()
-    assert torch.equal(out(model, inputs), tuned)
+    assert_disable_merge_unmerge_exact(model, inputs, reference, tuned)
 
 
 class _RMSModel(nn.Module):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .layer import DENSE_DELTAS, LIVE_LAYERS, RETIRED, MISTLayer
+from .layer import LIVE_LAYERS, RETIRED, MISTLayer
 
 _HANDLES: list = []
 _SAVED: dict[int, tuple[list, set]] = {}  # id(optimizer) -> (snapshots, layers), between pre- and post-hook
@@ -49,7 +49,7 @@ def _mist_params(optimizer) -> list[tuple[torch.Tensor, MISTLayer, str, str]]:
     if not LIVE_LAYERS:
         return []
     owners = {id(v): (layer, name, kind) for layer in list(LIVE_LAYERS)
-              for kind in ("mist_values", *DENSE_DELTAS) for name, v in getattr(layer, kind).items()}
+              for kind in layer.adapter_layer_names for name, v in getattr(layer, kind).items()}
     out = []
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -129,7 +129,7 @@ def attach_optimizer(optimizer, model: nn.Module) -> list:
     while _is_wrapper(inner):
         inner = inner.optimizer
     layers = [m for m in model.modules() if isinstance(m, MISTLayer)]
-    trainable = [v for m in layers for kind in ("mist_values", *DENSE_DELTAS) for v in getattr(m, kind).values()
+    trainable = [v for m in layers for kind in m.adapter_layer_names for v in getattr(m, kind).values()
                  if v.requires_grad]
     if trainable and not _mist_params(inner):
         raise ValueError(

@@ -15,7 +15,7 @@ import os
 from peft import PeftConfig, PeftModel, get_peft_model, load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
-from .layer import DENSE_DELTAS, MISTLayer
+from .layer import MISTLayer
 
 MIST_SUBDIR = "mist"
 PROMPT_SUBDIR = "prompt"
@@ -29,7 +29,7 @@ def merge_then_prompt(mist_model: PeftModel, prompt_config: PeftConfig) -> PeftM
 def _set_mist_trainable(model: nn.Module, trainable: bool = True) -> None:
     for layer in model.modules():
         if isinstance(layer, MISTLayer):
-            for kind in ("mist_values", *DENSE_DELTAS):  # the sparse weight deltas and the bias/norm deltas
+            for kind in layer.adapter_layer_names:  # the sparse weight deltas and the bias/norm deltas
                 deltas = getattr(layer, kind, {})
                 for name in layer.active_adapters:
                     if name in deltas and deltas[name].numel():  # an empty tensor stays frozen (never a grad)
