@@ -33,7 +33,8 @@ SUITES = {  # sized for a 2-core CPU; the validation split is 20% of these train
     "fashion": ["--dataset", "fashion_mnist", "--train-per-class", "100", "--batch-size", "16"],
     "clinc150": ["--dataset", "clinc150", "--train-per-class", "20", "--batch-size", "32"],
 }
-BASE = {"optimizer": "sgd", "lr": 1e-3, "adapt": "every", "steps_per_task": 10, "density": 0.05, "grad_drop": 0.9}
+BASE = {"optimizer": "sgd", "lr": 1e-3, "adapt": "every", "steps_per_task": 10, "density": 0.05, "grad_drop": 0.9,
+        "features": "adapted"}
 RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, weight decay 5e-4)
     "sgd-1e-3-every": {},
     "sgd-1e-3-first": {"adapt": "first"},
@@ -43,6 +44,10 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
     "sgd-1e-3-every-density0.10": {"density": 0.10},
     "sgd-1e-3-every-drop0.8": {"grad_drop": 0.8},
     "adamw-1e-4-every": {"optimizer": "adamw", "lr": 1e-4},
+    "sgd-1e-3-every-concat": {"features": "concat"},
+    "sgd-1e-3-first-concat": {"adapt": "first", "features": "concat"},
+    "sgd-1e-3-every-fuse": {"features": "fuse"},
+    "sgd-1e-3-first-fuse": {"adapt": "first", "features": "fuse"},
 }
 HOSTS = ("simplecil", "ranpac")
 

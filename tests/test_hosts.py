@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mist_peft.continual import RanPAC, SimpleCIL, class_incremental, clinc150_domain_groups
-from mist_peft.continual.hosts import DriftMap, fit_drift
+from mist_peft.continual.hosts import DriftMap, FusedHost, fit_drift
 from mist_peft.encoders import FeatureEncoder, extract_features, image_collate, text_collate
 
 CLINC_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
@@ -164,6 +164,33 @@ def test_ranpac_identity_drift_keeps_the_head_and_stats_are_exact():
     assert torch.equal(host.predict(x), before) and (before == y).all()
     assert torch.linalg.eigvalsh(host.gram).min() > -1e-6 * host.gram.diagonal().max()  # still PSD
     torch.testing.assert_close(host.means()[1], x[y == 1].mean(0).double())
+
+
+@pytest.mark.parametrize("make_host", [SimpleCIL, lambda: RanPAC(projection_dim=128, seed=3)])
+def test_fused_host_sums_two_hosts_and_compensates_only_the_adapted_half(make_host):
+    """[pre-trained || adapted] rows: the pre-trained host is exactly a host fitted on the first half, and a drift
+    moves only the adapted host's statistics."""
+    x0, y0 = blobs([0, 1, 2], per_class=30, spread=1.0)
+    x1, y1 = blobs([3, 4], per_class=30, spread=1.0, seed=1)
+    pretrained0, pretrained1 = x0 + 5.0, x1 + 5.0  # a different "pre-trained" view of the same rows
+    fused, alone, adapted_alone = FusedHost(make_host(), make_host()), make_host(), make_host()
+    fused.fit_task(torch.cat([pretrained0, x0], 1), y0)
+    alone.fit_task(pretrained0, y0)
+    adapted_alone.fit_task(x0, y0)
+    assert fused.split == 8 and torch.equal(fused.drift_view(torch.cat([pretrained0, x0], 1)), x0)
+    drift = fit_drift(x1, moved(x1), y1, "linear")
+    fused.compensate(drift)
+    adapted_alone.compensate(drift)
+    fused.fit_task(torch.cat([pretrained1, moved(x1)], 1), y1)
+    alone.fit_task(pretrained1, y1)
+    adapted_alone.fit_task(moved(x1), y1)
+    probe_pre, probe_new = torch.cat([pretrained0, pretrained1]), moved(torch.cat([x0, x1]))
+    torch.testing.assert_close(fused.pretrained.scores(probe_pre), alone.scores(probe_pre), rtol=0, atol=0)
+    expected = alone.scores(probe_pre).double() + adapted_alone.scores(probe_new).double()
+    torch.testing.assert_close(fused.scores(torch.cat([probe_pre, probe_new], 1)), expected)
+    assert fused.seen_classes == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="split"):
+        FusedHost(make_host(), make_host()).fit_task(torch.zeros(4, 7), torch.tensor([0, 0, 1, 1]))
 
 
 # ------------------------------------------------------------------------------------------------ real features

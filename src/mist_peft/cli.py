@@ -16,7 +16,7 @@ import datasets
 
 from .continual.hosts import DRIFT_MODES
 from .continual.report import write_results
-from .continual.runner import HOSTS, METHODS, ContinualConfig, run_continual
+from .continual.runner import FEATURES, HOSTS, METHODS, ContinualConfig, run_continual
 from .continual.scenarios import class_incremental, clinc150_domain_groups
 
 PACKAGED = ("mnist", "fashion_mnist", "clinc150")
@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-compensation", default="linear",
                    help=f"old-class statistics after each adaptation: one of {DRIFT_MODES} for every host, or "
                         "per host, e.g. simplecil=linear,ranpac=none")
+    p.add_argument("--features", default="adapted",
+                   help=f"what the hosts of an adapted backbone see, one of {FEATURES} for every host or per host "
+                        "(e.g. simplecil=adapted,ranpac=fuse): its features; the pre-trained backbone's features "
+                        "followed by them (concat, APER's [PTM || adapted]); or one host on each and their scores "
+                        "summed (fuse). The pre-trained features never drift.")
     p.add_argument("--diagnostics", action="store_true",
                    help="also report the other drift compensations (rows host+method@mode) and the oracle "
                         "(statistics recomputed with the final backbone; not exemplar-free, a ceiling)")
@@ -146,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _drift_modes(text: str) -> str | dict[str, str]:
+def _per_host_option(text: str) -> str | dict[str, str]:
     if "=" not in text:
         return text
     pairs = [item.split("=", 1) for item in text.split(",")]
@@ -159,7 +164,8 @@ def make_config(args: argparse.Namespace) -> ContinualConfig:
         steps_per_task=args.steps_per_task, score_batches=args.score_batches or None, batch_size=args.batch_size,
         density=args.density, grad_drop=args.grad_drop, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, pooling=args.pooling,
-        projection_dim=args.projection_dim, drift_compensation=_drift_modes(args.drift_compensation),
+        projection_dim=args.projection_dim, drift_compensation=_per_host_option(args.drift_compensation),
+        features=_per_host_option(args.features),
         diagnostics=args.diagnostics, overlap_decay=args.overlap_decay, frozen_quantile=args.frozen_quantile,
         tune_biases_and_norms=args.tune_biases_and_norms, seed=args.seed)
 

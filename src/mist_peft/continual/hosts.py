@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SimpleCIL", "RanPAC", "RIDGE_GRID", "DriftMap", "fit_drift", "DRIFT_MODES"]
+__all__ = ["SimpleCIL", "RanPAC", "FusedHost", "RIDGE_GRID", "DriftMap", "fit_drift", "DRIFT_MODES"]
 
 RIDGE_GRID: tuple[float, ...] = tuple(10.0**k for k in range(-8, 9))
 """Candidate ridge penalties 10^-8 .. 10^8, as in RanPAC."""
@@ -360,3 +360,61 @@ class RanPAC:
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """Class id with the largest ridge output among seen classes, ``[N]`` long."""
         return torch.tensor(self._seen, dtype=torch.long)[self.scores(features).argmax(dim=1)]
+
+
+class FusedHost:
+    """Late fusion: one host on the pre-trained backbone's features, one on the adapted backbone's; a class's
+    score is the sum of the two hosts' scores.
+
+    Inputs are ``[pre-trained || adapted]`` rows, split after the first ``split`` columns (default: half of the
+    first rows' width, as when both backbones share an architecture). The pre-trained half
+    never drifts, so only the adapted host is compensated (:meth:`drift_view` tells the caller which columns to
+    fit the drift on). Unlike concatenation before one host, each host keeps its own statistics and (RanPAC) its
+    own ridge, so a weak half cannot dilute a strong one's geometry.
+    """
+
+    def __init__(self, pretrained, adapted, split: int | None = None) -> None:
+        self.pretrained, self.adapted = pretrained, adapted
+        self.split = None if split is None else int(split)
+
+    @property
+    def seen_classes(self) -> list[int]:
+        return self.adapted.seen_classes
+
+    def _halves(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, _ = _as_inputs(features)
+        if self.split is None:
+            if features.shape[1] % 2:
+                raise ValueError(f"FusedHost got {features.shape[1]} columns, which do not split into two equal "
+                                 "halves: pass split=<size of the pre-trained features>.")
+            self.split = features.shape[1] // 2
+        if features.shape[1] <= self.split:
+            raise ValueError(f"FusedHost needs [pre-trained || adapted] rows wider than {self.split} columns, got "
+                             f"{features.shape[1]}.")
+        return features[:, : self.split], features[:, self.split:]
+
+    def drift_view(self, features: torch.Tensor) -> torch.Tensor:
+        """The columns that drift (the adapted half)."""
+        return self._halves(features)[1]
+
+    def fit_task(self, features: torch.Tensor, labels: torch.Tensor, **kwargs):
+        pretrained, adapted = self._halves(features)
+        self.pretrained.fit_task(pretrained, labels, **kwargs)
+        return self.adapted.fit_task(adapted, labels, **kwargs)
+
+    def means(self) -> dict[int, torch.Tensor]:
+        """The adapted host's class means (what SDC's kernel is centred on)."""
+        return self.adapted.means()
+
+    def compensate(self, drift: DriftMap, *args) -> None:
+        """Carry the adapted host's statistics through ``drift`` (fitted on :meth:`drift_view` columns)."""
+        self.adapted.compensate(drift, *args)
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        pretrained, adapted = self._halves(features)
+        if self.pretrained.seen_classes != self.adapted.seen_classes:
+            raise RuntimeError("FusedHost's two hosts saw different classes; fit them through fit_task only.")
+        return self.pretrained.scores(pretrained).double() + self.adapted.scores(adapted).double()
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.seen_classes, dtype=torch.long)[self.scores(features).argmax(dim=1)]

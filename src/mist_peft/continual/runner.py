@@ -4,7 +4,9 @@ One backbone trajectory per adaptation method; every host listed is fed the same
 `simplecil+mist` and `ranpac+mist` come from one MIST run. Adaptation happens before every task (the
 reference) or before the first only, always on the current task's train split; test data is only
 ever used for evaluation. With adaptation before every task, the hosts carry their old-class statistics
-forward through the drift estimated on the current task (`drift_compensation`).
+forward through the drift estimated on the current task (`drift_compensation`). The pre-trained backbone's
+features never drift, so a host may also use them: `features="concat"` feeds [pre-trained || adapted] rows to
+one host (APER, Zhou et al. 2023), `features="fuse"` sums the scores of a host on each half (`FusedHost`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from ..config import MISTConfig
 from ..encoders import FeatureEncoder, extract_features
 from ..scoring import CrossTaskState
 from ..training import MISTTrainingConfig, default_accelerator, train_mist
-from .hosts import DRIFT_MODES, RanPAC, SimpleCIL, fit_drift
+from .hosts import DRIFT_MODES, FusedHost, RanPAC, SimpleCIL, fit_drift
 from .metrics import continual_metrics
 from .scenarios import Task
 
 METHODS = ("frozen", "mist", "lora", "full", "mist-random", "mist-magnitude", "mist-ce", "mist-nodrop")
 HOSTS = ("simplecil", "ranpac")
+FEATURES = ("adapted", "concat", "fuse")
 
 
 def method_name(host: str, method: str) -> str:
@@ -45,6 +48,10 @@ class ContinualConfig:
     `DRIFT_MODES` for every host, or a mapping host -> mode. `diagnostics` adds, for every adapted method, the
     other compensation modes as extra rows (`host+method@mode`, same backbone trajectory) and the oracle
     (every statistic recomputed with the current backbone after each task: not exemplar-free, a ceiling only).
+    `features` is what an adapted method's hosts see, for every host or per host like `drift_compensation`:
+    the adapted backbone's features; those concatenated after the pre-trained backbone's (`concat`); or two
+    hosts, one per half, whose scores are summed (`fuse`). The pre-trained features of each split are computed
+    once per run and shared with the frozen method.
     """
 
     hosts: Sequence[str] = ("simplecil",)
@@ -66,6 +73,7 @@ class ContinualConfig:
     pooling: str = "mean"
     projection_dim: int = 2000
     drift_compensation: str | Mapping[str, str] = "linear"
+    features: str | Mapping[str, str] = "adapted"
     drift_samples: int = 256
     diagnostics: bool = False
     overlap_decay: float | None = None
@@ -80,6 +88,10 @@ class ContinualConfig:
             if bad or not getattr(self, name):
                 raise ValueError(f"ContinualConfig.{name}={list(getattr(self, name))!r} is invalid: choose from "
                                  f"{list(allowed)}.")
+        features = self.feature_modes()
+        if any(f not in FEATURES for f in features.values()) or set(features) - set(HOSTS):
+            raise ValueError(f"ContinualConfig.features={self.features!r} is invalid: use one of {list(FEATURES)}, "
+                             f"or a mapping from hosts {list(HOSTS)} to one.")
         if self.adapt not in ("every", "first"):
             raise ValueError(f"ContinualConfig.adapt={self.adapt!r} is invalid: use 'every' or 'first'.")
         modes = self.compensation_modes()
@@ -93,13 +105,29 @@ class ContinualConfig:
 
     def compensation_modes(self) -> dict[str, str]:
         """Drift compensation mode of every host."""
-        if isinstance(self.drift_compensation, str):
-            return {h: self.drift_compensation for h in HOSTS}
-        return {**{h: "none" for h in HOSTS}, **dict(self.drift_compensation)}
+        return _per_host(self.drift_compensation, "none")
+
+    def feature_modes(self) -> dict[str, str]:
+        """What every host of an adapted backbone sees (`FEATURES`)."""
+        return _per_host(self.features, "adapted")
+
+
+def _per_host(option: str | Mapping[str, str], unnamed: str) -> dict[str, str]:
+    """One value for every host, or a mapping host -> value where hosts left out get `unnamed`."""
+    if isinstance(option, str):
+        return {h: option for h in HOSTS}
+    return {**{h: unnamed for h in HOSTS}, **dict(option)}
 
 
 def _make_host(host: str, config: ContinualConfig):
     return SimpleCIL() if host == "simplecil" else RanPAC(projection_dim=config.projection_dim, seed=config.seed)
+
+
+def _host_for(host: str, config: ContinualConfig, method: str):
+    """The host that `method`'s features need: a pair of hosts for `features="fuse"` on an adapted backbone."""
+    if method != "frozen" and config.feature_modes()[host] == "fuse":
+        return FusedHost(_make_host(host, config), _make_host(host, config))
+    return _make_host(host, config)
 
 
 def adapt_backbone(backbone: nn.Module, method: str, loader: DataLoader, config: ContinualConfig, head: nn.Module | None,
@@ -145,12 +173,35 @@ def changed_fraction(backbone: nn.Module, reference: dict[str, torch.Tensor]) ->
     return changed / max(1, total)
 
 
+class FrozenFeatures:
+    """The pre-trained backbone's features of each task split, computed once per run and shared by every method
+    (the frozen method's own features, the pre-trained half of `features="concat"` and `"fuse"`)."""
+
+    def __init__(self, make_backbone: Callable[[], nn.Module], collate: Callable, config: ContinualConfig) -> None:
+        self.make_backbone, self.collate, self.config = make_backbone, collate, config
+        self.backbone: nn.Module | None = None
+        self.cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, task: Task, split: str, backbone: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, labels) of `task`'s `split`; `backbone` may pass a pre-trained model already in memory."""
+        key = (task.index, split)
+        if key not in self.cache:
+            if backbone is None:
+                self.backbone = self.backbone or self.make_backbone().eval()
+                backbone = self.backbone
+            loader = DataLoader(getattr(task, split), batch_size=self.config.eval_batch_size, collate_fn=self.collate)
+            self.cache[key] = extract_features(FeatureEncoder(backbone, self.config.pooling), loader,
+                                               desc=f"pre-trained task {task.index} {split} features")
+        return self.cache[key]
+
+
 def _accuracies(host, tests: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
     return [100.0 * float((host.predict(x) == y).float().mean()) for x, y in tests]
 
 
 def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Sequence[Task], collate: Callable,
-               config: ContinualConfig, accelerator=None) -> dict[str, dict[str, Any]]:
+               config: ContinualConfig, accelerator=None,
+               frozen_features: FrozenFeatures | None = None) -> dict[str, dict[str, Any]]:
     """One adaptation method through all tasks, evaluated with every host in `config.hosts`.
 
     Before each adaptation the current task's train features are taken with the old backbone; after it, with
@@ -164,7 +215,7 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
     modes = config.compensation_modes()
     diagnose = config.diagnostics and method != "frozen"
     # (host, mode) -> host instance; the first mode listed per host is the configured one.
-    variants = {(h, m): _make_host(h, config)
+    variants = {(h, m): _host_for(h, config, method)
                 for h in config.hosts for m in ([modes[h]] + ([x for x in DRIFT_MODES if x != modes[h]]
                                                               if diagnose else []))}
     matrices: dict[tuple[str, str], list[list[float]]] = {key: [] for key in variants}
@@ -177,16 +228,31 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
     cached_train: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     g = torch.Generator().manual_seed(config.seed)
 
-    def features(dataset, desc):
-        loader = DataLoader(dataset, batch_size=config.eval_batch_size, collate_fn=collate)
+    frozen_features = frozen_features or FrozenFeatures(make_backbone, collate, config)
+    feature_modes = config.feature_modes()
+
+    def features(task, split, desc):
+        """The current backbone's features of a split (the frozen method's come from the shared cache)."""
+        if method == "frozen":
+            return frozen_features(task, split, backbone)
+        loader = DataLoader(getattr(task, split), batch_size=config.eval_batch_size, collate_fn=collate)
         return extract_features(FeatureEncoder(backbone, config.pooling), loader, desc=desc)
+
+    def host_input(name, x, task, split):
+        """What host `name` sees: `x`, or the pre-trained features of the same rows followed by `x`."""
+        if method == "frozen" or feature_modes[name] == "adapted":
+            return x  # "concat" and "fuse" see both halves
+        return torch.cat([frozen_features(task, split)[0], x], dim=1)
+
+    def accuracies(name, host, tests):
+        return _accuracies(host, [(host_input(name, x, seen, "test"), y) for seen, (x, y) in tests])
 
     for task in tasks:
         adapt_now = method != "frozen" and (config.adapt == "every" or task.index == 0)
         before = None
         if adapt_now:
             if task.index > 0 and any(m != "none" for _, m in variants):
-                before, _ = features(task.train, f"{method} task {task.index} train features before adapting")
+                before, _ = features(task, "train", f"{method} task {task.index} train features before adapting")
             loader = DataLoader(task.train, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
                                 generator=g, drop_last=len(task.train) > config.batch_size)
             backbone, head = adapt_backbone(backbone, method, loader, config, head, num_classes, accelerator,
@@ -195,31 +261,35 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
             accelerator.free_memory()
             cached_test.clear()  # the backbone changed: old features are stale
             cached_train.clear()
-        train_x, train_y = features(task.train, f"{method} task {task.index} train features")
+        train_x, train_y = features(task, "train", f"{method} task {task.index} train features")
         for (name, mode), host in variants.items():
+            x = host_input(name, train_x, task, "train")
             if before is not None and mode != "none":
-                drift = fit_drift(before, train_x, train_y, mode, old_means=host.means())
+                view = getattr(host, "drift_view", lambda rows: rows)  # FusedHost: only the adapted half drifts
+                drift = fit_drift(view(host_input(name, before, task, "train")), view(x), train_y, mode,
+                                  old_means=host.means())
                 host.compensate(drift) if name == "simplecil" else host.compensate(drift, config.drift_samples)
                 choices[(name, mode)].append(drift.choice)
-            host.fit_task(train_x, train_y)
+            host.fit_task(x, train_y)
         for seen in tasks[: task.index + 1]:
             if seen.index not in cached_test:
-                cached_test[seen.index] = features(seen.test, f"{method} task {seen.index} test features")
-        tests = [cached_test[seen.index] for seen in tasks[: task.index + 1]]
-        for key, host in variants.items():
-            matrices[key].append(_accuracies(host, tests))
+                cached_test[seen.index] = features(seen, "test", f"{method} task {seen.index} test features")
+        tests = [(seen, cached_test[seen.index]) for seen in tasks[: task.index + 1]]
+        for (name, mode), host in variants.items():
+            matrices[(name, mode)].append(accuracies(name, host, tests))
         if diagnose:
             cached_train[task.index] = (train_x, train_y)
             for seen in tasks[: task.index]:
                 if seen.index not in cached_train:
-                    cached_train[seen.index] = features(seen.train, f"{method} task {seen.index} oracle features")
+                    cached_train[seen.index] = features(seen, "train", f"{method} task {seen.index} oracle features")
             for name in config.hosts:
-                fresh = _make_host(name, config)
+                fresh = _host_for(name, config, method)
                 for seen in tasks[: task.index + 1]:
-                    last = seen.index == task.index
-                    fresh.fit_task(*cached_train[seen.index]) if last or name == "simplecil" else \
-                        fresh.fit_task(*cached_train[seen.index], solve=False)
-                oracle[name].append(_accuracies(fresh, tests))
+                    x, y = cached_train[seen.index]
+                    x = host_input(name, x, seen, "train")
+                    fresh.fit_task(x, y) if seen.index == task.index or name == "simplecil" else \
+                        fresh.fit_task(x, y, solve=False)
+                oracle[name].append(accuracies(name, fresh, tests))
     seconds = time.perf_counter() - start
     changed = changed_fraction(backbone, reference)
     sizes = [len(t.test) for t in tasks]
@@ -247,6 +317,7 @@ def run_continual(make_backbone: Callable[[], nn.Module], tasks: Sequence[Task],
                   config: ContinualConfig, accelerator=None) -> dict[str, Any]:
     """Every method of `config`, each from a fresh pre-trained backbone; returns the results.json shape."""
     results: dict[str, Any] = {}
+    frozen_features = FrozenFeatures(make_backbone, collate, config)
     for method in config.methods:
-        results.update(run_method(method, make_backbone, tasks, collate, config, accelerator))
+        results.update(run_method(method, make_backbone, tasks, collate, config, accelerator, frozen_features))
     return {"config": asdict(config), "methods": results}

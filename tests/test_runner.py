@@ -1,0 +1,117 @@
+"""The continual runner's feature sources: `features="concat"` puts the pre-trained backbone's features next to the
+adapted ones, computes them once per run, and its frozen half never drifts."""
+
+import pytest
+import torch
+
+from mist_peft import assets
+from mist_peft.cli import _subsample
+from mist_peft.continual import runner
+from mist_peft.continual.hosts import RanPAC, SimpleCIL
+from mist_peft.continual.runner import ContinualConfig, run_continual
+from mist_peft.continual.scenarios import class_incremental
+from mist_peft.encoders import image_collate
+
+
+def recording(host_class, log):
+    """A host class whose instances append (host name, fitted features) to `log`."""
+
+    class Recording(host_class):
+        def fit_task(self, features, labels, *args, **kwargs):
+            log.append((host_class.__name__, torch.as_tensor(features).clone()))
+            return super().fit_task(features, labels, *args, **kwargs)
+
+    return Recording
+
+
+@pytest.fixture(scope="module")
+def mnist_tasks():
+    data = assets.load_mnist()
+    data = {"train": _subsample(data["train"], 8, 0).filter(lambda r: r["label"] < 4),
+            "test": _subsample(data["test"], 4, 0).filter(lambda r: r["label"] < 4)}
+    return class_incremental(data, num_tasks=2, seed=1993)
+
+
+def test_concat_features_keep_an_exact_frozen_half_and_apply_per_host(mnist_tasks, monkeypatch):
+    calls, log = [], []
+
+    def make_backbone():
+        calls.append(1)
+        return assets.load_vit(28)
+
+    hosts = {"simplecil": recording(SimpleCIL, log), "ranpac": recording(RanPAC, log)}
+    monkeypatch.setattr(runner, "_make_host", lambda host, config: hosts[host]() if host == "simplecil" else
+                        hosts[host](projection_dim=64, seed=config.seed))
+    config = ContinualConfig(hosts=("simplecil", "ranpac"), methods=("frozen", "mist"), steps_per_task=2,
+                             features={"ranpac": "concat"}, batch_size=8, lr=1e-2, drift_compensation="none", seed=0)
+    results = run_continual(make_backbone, mnist_tasks, image_collate(28), config)["methods"]
+    assert len(calls) == 2  # the frozen method's backbone also serves the pre-trained half of "concat"
+    fits = {name: [x for n, x in log if n == name] for name in ("SimpleCIL", "RanPAC")}
+    frozen = fits["SimpleCIL"][:2]  # the frozen method's fits, task 0 and task 1
+    assert [len(v) for v in fits.values()] == [4, 4] and torch.equal(fits["RanPAC"][0], frozen[0])
+    hidden = frozen[0].shape[1]
+    for task, base in enumerate(frozen):
+        adapted, concat = fits["SimpleCIL"][2 + task], fits["RanPAC"][2 + task]
+        assert adapted.shape == base.shape and concat.shape == (base.shape[0], 2 * hidden)
+        assert torch.equal(concat[:, :hidden], base)  # the pre-trained half is the frozen host's input
+        assert torch.equal(concat[:, hidden:], adapted)  # the adapted half is what an "adapted" host sees
+        assert not torch.allclose(adapted, base)
+    assert set(results) == {"simplecil", "ranpac", "simplecil+mist", "ranpac+mist"}
+
+
+def test_concat_drift_compensation_leaves_the_frozen_half_of_old_prototypes_exact(mnist_tasks, monkeypatch):
+    hosts = []
+
+    def make_host(host, config):
+        hosts.append(SimpleCIL())
+        return hosts[-1]
+
+    monkeypatch.setattr(runner, "_make_host", make_host)
+    config = ContinualConfig(hosts=("simplecil",), methods=("frozen", "mist"), features="concat", steps_per_task=2,
+                             batch_size=8, lr=1e-2, drift_compensation="linear", seed=0)
+    run_continual(lambda: assets.load_vit(28), mnist_tasks, image_collate(28), config)
+    frozen, concat = hosts
+    hidden = frozen.prototypes.shape[1]
+    first = len(mnist_tasks[0].classes)
+    # Task 0's prototypes went through the drift map fitted at task 1; its frozen columns are the identity.
+    assert torch.equal(concat.classes, frozen.classes)
+    assert torch.equal(concat.prototypes[:first, :hidden], frozen.prototypes[:first])
+    assert not torch.allclose(concat.prototypes[:first, hidden:], concat.prototypes[:first, :hidden])
+
+
+def test_fuse_keeps_an_exact_pretrained_ranpac_beside_the_compensated_adapted_one(mnist_tasks, monkeypatch):
+    made = []
+
+    def make_host(host, config):
+        made.append(RanPAC(projection_dim=64, seed=config.seed))
+        return made[-1]
+
+    monkeypatch.setattr(runner, "_make_host", make_host)
+    config = ContinualConfig(hosts=("ranpac",), methods=("frozen", "mist"), features="fuse", steps_per_task=2,
+                             batch_size=8, lr=1e-2, drift_compensation="linear", seed=0)
+    results = run_continual(lambda: assets.load_vit(28), mnist_tasks, image_collate(28), config)["methods"]
+    frozen, pretrained, adapted = made
+    # The pre-trained half went through a drift compensation at task 1 in the fused host, and was left alone.
+    assert torch.equal(pretrained.gram, frozen.gram) and torch.equal(pretrained.w_out, frozen.w_out)
+    assert adapted._synthetic and not pretrained._synthetic
+    assert results["ranpac+mist"]["drift_compensation"] == "linear"
+
+
+def test_features_option_is_checked():
+    with pytest.raises(ValueError, match="features='both'.*adapted"):
+        ContinualConfig(features="both")
+    with pytest.raises(ValueError, match="features=.*mapping from hosts"):
+        ContinualConfig(features={"lda": "concat"})
+    assert ContinualConfig(features={"ranpac": "concat"}).feature_modes() == {"simplecil": "adapted",
+                                                                             "ranpac": "concat"}
+
+
+def test_cli_features_flag_reaches_the_config():
+    from mist_peft.cli import build_parser, make_config
+
+    def parse(*flags):
+        return make_config(build_parser().parse_args(["continual", *flags]))
+
+    assert parse().feature_modes() == {"simplecil": "adapted", "ranpac": "adapted"}
+    assert parse("--features", "concat").feature_modes() == {"simplecil": "concat", "ranpac": "concat"}
+    assert parse("--features", "ranpac=concat").feature_modes() == {"simplecil": "adapted", "ranpac": "concat"}
