@@ -50,6 +50,8 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
     "sgd-1e-3-first-fuse": {"adapt": "first", "features": "fuse"},
 }
 HOSTS = ("simplecil", "ranpac")
+FEATURE_MODES = ("adapted", "concat", "fuse")
+TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
 
 
 def run_suite(suite: str, seed: int, recipes: list[str], data_dir: str | None) -> Path:
@@ -110,10 +112,42 @@ def summarise() -> str:
         summary[name]["complete"] = len(means) == len(cells)
     lines += ["", "Cells: validation Avg / Last / forgetting of host+mist minus the frozen host (points), mean over "
               "the seeds run; '-': not run. The default is the recipe, among those run on every suite, with the best worst "
-              "min(Avg, Last) gain; a partial recipe's worst case covers only its cells."]
+              "min(Avg, Last) gain; a partial recipe's worst case covers only its cells.", ""]
+    lines += features_per_host(per, cells)
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1))
     (OUT / "summary.md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
+
+
+def features_per_host(per: dict, cells: list) -> list[str]:
+    """Hosts do not steer the backbone, so each host may take its own `features` mode on one backbone recipe: for
+    every backbone recipe (a recipe without its features) and host, the mode with the best worst min(Avg, Last)
+    cell over the suites, among the modes run on every suite. Worst cells within TIE points of the best are a tie
+    (one validation image is 0.5 points of a 200-image split), broken by the mean cell over the suites."""
+    suites = sorted({s for s, _ in cells})
+    lines = ["Per host, on one backbone recipe: worst min(Avg, Last) of each `features` mode over the suites "
+             "(complete modes only)", "", "| backbone recipe | host | " + " | ".join(FEATURE_MODES) + " | choice |",
+             "|---|---|" + "---:|" * (len(FEATURE_MODES) + 1)]
+    backbones: dict[tuple, dict[str, str]] = {}
+    for name in per:
+        recipe = {**BASE, **RECIPES.get(name, {})}
+        key = tuple(sorted((k, v) for k, v in recipe.items() if k != "features"))
+        backbones.setdefault(key, {})[recipe["features"]] = name
+    for modes in backbones.values():
+        label = modes.get("adapted", next(iter(modes.values())))
+        for host in HOSTS:
+            worst, mean = {}, {}
+            for mode, name in modes.items():
+                gains = [per[name].get((s, host)) for s in suites]
+                if all(gains):
+                    both = [min(statistics.mean(g[0] for g in x), statistics.mean(g[1] for g in x)) for x in gains]
+                    worst[mode], mean[mode] = min(both), statistics.mean(both)
+            if len(worst) > 1:
+                best = max(worst.values())
+                choice = max((m for m in worst if worst[m] >= best - TIE), key=mean.get)
+                lines.append(f"| {label} | {host} | " + " | ".join(
+                    f"{worst[m]:+.2f}" if m in worst else "-" for m in FEATURE_MODES) + f" | {choice} |")
+    return lines
 
 
 def main() -> None:

@@ -193,6 +193,19 @@ def test_fused_host_sums_two_hosts_and_compensates_only_the_adapted_half(make_ho
         FusedHost(make_host(), make_host()).fit_task(torch.zeros(4, 7), torch.tensor([0, 0, 1, 1]))
 
 
+def test_fused_host_of_two_identical_halves_is_the_single_host():
+    """The control behind `features="fuse"`: with the adapted half equal to the pre-trained one (same seed, same
+    projection, same ridge) the fused host predicts exactly as the frozen host, so a gain is the adapted half's."""
+    x, y = blobs(range(5), per_class=20, spread=2.5)
+    single, fused = RanPAC(projection_dim=64, seed=2), FusedHost(RanPAC(projection_dim=64, seed=2),
+                                                                RanPAC(projection_dim=64, seed=2))
+    single.fit_task(x, y)
+    fused.fit_task(torch.cat([x, x], 1), y)
+    probe = blobs(range(5), per_class=20, spread=2.5, seed=5)[0]
+    assert torch.equal(fused.predict(torch.cat([probe, probe], 1)), single.predict(probe))
+    assert (single.predict(probe) != torch.arange(5).repeat_interleave(20)).any()  # not a trivially easy probe
+
+
 # ------------------------------------------------------------------------------------------------ real features
 
 

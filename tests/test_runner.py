@@ -112,6 +112,6 @@ def test_cli_features_flag_reaches_the_config():
     def parse(*flags):
         return make_config(build_parser().parse_args(["continual", *flags]))
 
-    assert parse().feature_modes() == {"simplecil": "adapted", "ranpac": "adapted"}
+    assert parse().feature_modes() == ContinualConfig().feature_modes() == {"simplecil": "adapted", "ranpac": "fuse"}
     assert parse("--features", "concat").feature_modes() == {"simplecil": "concat", "ranpac": "concat"}
     assert parse("--features", "ranpac=concat").feature_modes() == {"simplecil": "adapted", "ranpac": "concat"}

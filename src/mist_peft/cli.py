@@ -121,11 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-compensation", default="linear",
                    help=f"old-class statistics after each adaptation: one of {DRIFT_MODES} for every host, or "
                         "per host, e.g. simplecil=linear,ranpac=none")
-    p.add_argument("--features", default="adapted",
+    p.add_argument("--features", default="simplecil=adapted,ranpac=fuse",
                    help=f"what the hosts of an adapted backbone see, one of {FEATURES} for every host or per host "
                         "(e.g. simplecil=adapted,ranpac=fuse): its features; the pre-trained backbone's features "
                         "followed by them (concat, APER's [PTM || adapted]); or one host on each and their scores "
-                        "summed (fuse). The pre-trained features never drift.")
+                        "summed (fuse). The pre-trained features never drift. Default: chosen on validation splits")
     p.add_argument("--diagnostics", action="store_true",
                    help="also report the other drift compensations (rows host+method@mode) and the oracle "
                         "(statistics recomputed with the final backbone; not exemplar-free, a ceiling)")

@@ -73,7 +73,7 @@ class ContinualConfig:
     pooling: str = "mean"
     projection_dim: int = 2000
     drift_compensation: str | Mapping[str, str] = "linear"
-    features: str | Mapping[str, str] = "adapted"
+    features: str | Mapping[str, str] = field(default_factory=lambda: {"simplecil": "adapted", "ranpac": "fuse"})
     drift_samples: int = 256
     diagnostics: bool = False
     overlap_decay: float | None = None
@@ -301,7 +301,8 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
     out = {}
     for (name, mode), matrix in matrices.items():
         row = {**summary(matrix), "acc_matrix": matrix, "seconds": seconds, "changed_fraction": changed,
-               "drift_compensation": mode if method != "frozen" else "none"}
+               "drift_compensation": mode if method != "frozen" else "none",
+               "features": feature_modes[name] if method != "frozen" else "pre-trained"}
         if choices[(name, mode)]:
             row["drift_choices"] = choices[(name, mode)]
         if mode == modes[name]:
