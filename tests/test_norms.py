@@ -101,6 +101,25 @@ def test_grad_drop_only_kept_bias_and_norm_entries_move_value_and_state(kind, op
     assert 0.05 < kept_total / total < 0.2  # about 1 - grad_drop of the entries per step
 
 
+def test_kept_share_and_digest_count_the_dense_draws():
+    from mist_peft.training import kept_digest, kept_share
+
+    model, inputs, *_ = make("bert", grad_drop=0.9, density=0.05)
+    model.train()
+    model_output(model, inputs).pow(2).mean().backward()
+    sparse = [(m.mist_values["default"].numel(), m.mist_kept["default"][1]) for m in all_layers(model).values()
+              if "default" in m.mist_values]
+    dense_draws = [(d.numel(), m.mist_dense_kept["default"][kind][1]) for _, m, kind, d in dense(model)]
+    assert dense_draws and all(kept is not None for _, kept in sparse + dense_draws)
+    expected = sum(k.numel() for _, k in sparse + dense_draws) / sum(n for n, _ in sparse + dense_draws)
+    assert kept_share(model, "default") == pytest.approx(expected, rel=1e-12)
+    digest = kept_digest(model, "default")
+    _, m, kind, _ = dense(model)[0]
+    step, kept = m.mist_dense_kept["default"][kind]
+    m.mist_dense_kept["default"][kind] = (step, kept[:-1])  # another dense draw must give another digest
+    assert kept_digest(model, "default") != digest
+
+
 def test_bias_and_norm_draws_differ_from_each_other_and_from_the_weight_draw():
     model, inputs, *_ = make("bert", grad_drop=0.5, density=1.0)
     model.train()

@@ -27,6 +27,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .encoders import FeatureEncoder
+from .layer import MISTLayer
 from .objectives import MIObjective
 from .optim import attach_optimizer
 from .scoring import active_adapter, select_mi_fisher
@@ -69,22 +70,36 @@ def needs_selection(model: nn.Module, adapter_name: str) -> bool:
     return not is_selected(model, adapter_name)
 
 
+def _step_draws(model: nn.Module, adapter_name: str) -> Iterable[tuple[int, torch.Tensor | None]]:
+    """(entries, this step's kept positions or None for all) of every delta of the adapter: the sparse values
+    and, with `tune_biases_and_norms`, the dense bias and norm deltas, which have draws of their own."""
+    for m in model.modules():
+        if not isinstance(m, MISTLayer):
+            continue
+        if adapter_name in m.mist_values:
+            drawn = m.mist_kept.get(adapter_name)
+            yield m.mist_values[adapter_name].numel(), None if drawn is None else drawn[1]
+        for kind in m.dense_kinds:
+            if adapter_name in getattr(m, kind):
+                drawn = m.mist_dense_kept.get(adapter_name, {}).get(kind)
+                yield getattr(m, kind)[adapter_name].numel(), None if drawn is None else drawn[1]
+
+
 def kept_digest(model: nn.Module, adapter_name: str) -> str:
     """Short hash of this step's kept subsets: equal on every process when the draws agree."""
     h = hashlib.sha256()
-    for m in mist_layers(model, adapter_name).values():
-        if adapter_name in m.mist_kept and m.mist_kept[adapter_name][1] is not None:
-            h.update(m.mist_kept[adapter_name][1].cpu().numpy().tobytes())
+    for _, kept in _step_draws(model, adapter_name):
+        if kept is not None:
+            h.update(kept.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 def kept_share(model: nn.Module, adapter_name: str) -> float:
-    """Share of the selected entries that received a gradient in the current step."""
+    """Share of the adapter's trainable entries (sparse values and dense deltas) that received a gradient in the
+    current step."""
     kept = total = 0
-    for m in mist_layers(model, adapter_name).values():
-        n = m.mist_values[adapter_name].numel()
-        positions = m.mist_kept.get(adapter_name)
-        kept += n if positions is None or positions[1] is None else positions[1].numel()
+    for n, positions in _step_draws(model, adapter_name):
+        kept += n if positions is None else positions.numel()
         total += n
     return kept / max(1, total)
 
