@@ -177,8 +177,9 @@ class FrozenFeatures:
     """The pre-trained backbone's features of each task split, computed once per run and shared by every method
     (the frozen method's own features, the pre-trained half of `features="concat"` and `"fuse"`)."""
 
-    def __init__(self, make_backbone: Callable[[], nn.Module], collate: Callable, config: ContinualConfig) -> None:
-        self.make_backbone, self.collate, self.config = make_backbone, collate, config
+    def __init__(self, make_backbone: Callable[[], nn.Module], collate: Callable, config: ContinualConfig,
+                 device: torch.device | str = "cpu") -> None:
+        self.make_backbone, self.collate, self.config, self.device = make_backbone, collate, config, device
         self.backbone: nn.Module | None = None
         self.cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -187,7 +188,7 @@ class FrozenFeatures:
         key = (task.index, split)
         if key not in self.cache:
             if backbone is None:
-                self.backbone = self.backbone or self.make_backbone().eval()
+                self.backbone = self.backbone or self.make_backbone().eval().to(self.device)
                 backbone = self.backbone
             loader = DataLoader(getattr(task, split), batch_size=self.config.eval_batch_size, collate_fn=self.collate)
             self.cache[key] = extract_features(FeatureEncoder(backbone, self.config.pooling), loader,
@@ -210,7 +211,7 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
     accelerator = accelerator or default_accelerator()
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    backbone = make_backbone().eval()
+    backbone = make_backbone().eval().to(accelerator.device)
     reference = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
     modes = config.compensation_modes()
     diagnose = config.diagnostics and method != "frozen"
@@ -228,7 +229,7 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
     cached_train: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     g = torch.Generator().manual_seed(config.seed)
 
-    frozen_features = frozen_features or FrozenFeatures(make_backbone, collate, config)
+    frozen_features = frozen_features or FrozenFeatures(make_backbone, collate, config, accelerator.device)
     feature_modes = config.feature_modes()
 
     def features(task, split, desc):
@@ -318,7 +319,8 @@ def run_continual(make_backbone: Callable[[], nn.Module], tasks: Sequence[Task],
                   config: ContinualConfig, accelerator=None) -> dict[str, Any]:
     """Every method of `config`, each from a fresh pre-trained backbone; returns the results.json shape."""
     results: dict[str, Any] = {}
-    frozen_features = FrozenFeatures(make_backbone, collate, config)
+    accelerator = accelerator or default_accelerator()
+    frozen_features = FrozenFeatures(make_backbone, collate, config, accelerator.device)
     for method in config.methods:
         results.update(run_method(method, make_backbone, tasks, collate, config, accelerator, frozen_features))
     return {"config": asdict(config), "methods": results}
