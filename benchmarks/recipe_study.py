@@ -25,7 +25,7 @@ from mist_peft.cli import (
     make_tasks,
     validation_split,
 )
-from mist_peft.continual.runner import run_continual
+from mist_peft.continual.runner import FEATURES, HOSTS, run_continual
 
 OUT = Path(__file__).resolve().parent / "results" / "recipe_study"
 SUITES = {  # sized for a 2-core CPU; the validation split is 20% of these train rows
@@ -49,8 +49,6 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
     "sgd-1e-3-every-fuse": {"features": "fuse"},
     "sgd-1e-3-first-fuse": {"adapt": "first", "features": "fuse"},
 }
-HOSTS = ("simplecil", "ranpac")
-FEATURE_MODES = ("adapted", "concat", "fuse")
 TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
 
 
@@ -126,8 +124,8 @@ def features_per_host(per: dict, cells: list) -> list[str]:
     (one validation image is 0.5 points of a 200-image split), broken by the mean cell over the suites."""
     suites = sorted({s for s, _ in cells})
     lines = ["Per host, on one backbone recipe: worst min(Avg, Last) of each `features` mode over the suites "
-             "(complete modes only)", "", "| backbone recipe | host | " + " | ".join(FEATURE_MODES) + " | choice |",
-             "|---|---|" + "---:|" * (len(FEATURE_MODES) + 1)]
+             "(complete modes only)", "", "| backbone recipe | host | " + " | ".join(FEATURES) + " | choice |",
+             "|---|---|" + "---:|" * (len(FEATURES) + 1)]
     backbones: dict[tuple, dict[str, str]] = {}
     for name in per:
         recipe = {**BASE, **RECIPES.get(name, {})}
@@ -146,7 +144,7 @@ def features_per_host(per: dict, cells: list) -> list[str]:
                 best = max(worst.values())
                 choice = max((m for m in worst if worst[m] >= best - TIE), key=mean.get)
                 lines.append(f"| {label} | {host} | " + " | ".join(
-                    f"{worst[m]:+.2f}" if m in worst else "-" for m in FEATURE_MODES) + f" | {choice} |")
+                    f"{worst[m]:+.2f}" if m in worst else "-" for m in FEATURES) + f" | {choice} |")
     return lines
 
 

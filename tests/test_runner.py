@@ -1,5 +1,5 @@
-"""The continual runner's feature sources: `features="concat"` puts the pre-trained backbone's features next to the
-adapted ones, computes them once per run, and its frozen half never drifts."""
+"""The continual runner's feature sources: `features="concat"` and `"fuse"` put the pre-trained backbone's features
+next to the adapted ones, computed once per run; that half never drifts."""
 
 import pytest
 import torch

@@ -88,16 +88,13 @@ class ContinualConfig:
             if bad or not getattr(self, name):
                 raise ValueError(f"ContinualConfig.{name}={list(getattr(self, name))!r} is invalid: choose from "
                                  f"{list(allowed)}.")
-        features = self.feature_modes()
-        if any(f not in FEATURES for f in features.values()) or set(features) - set(HOSTS):
-            raise ValueError(f"ContinualConfig.features={self.features!r} is invalid: use one of {list(FEATURES)}, "
-                             f"or a mapping from hosts {list(HOSTS)} to one.")
+        for name, modes, allowed in (("features", self.feature_modes(), FEATURES),
+                                     ("drift_compensation", self.compensation_modes(), DRIFT_MODES)):
+            if any(m not in allowed for m in modes.values()) or set(modes) - set(HOSTS):
+                raise ValueError(f"ContinualConfig.{name}={getattr(self, name)!r} is invalid: use one of "
+                                 f"{list(allowed)}, or a mapping from hosts {list(HOSTS)} to one.")
         if self.adapt not in ("every", "first"):
             raise ValueError(f"ContinualConfig.adapt={self.adapt!r} is invalid: use 'every' or 'first'.")
-        modes = self.compensation_modes()
-        if any(m not in DRIFT_MODES for m in modes.values()) or set(modes) - set(HOSTS):
-            raise ValueError(f"ContinualConfig.drift_compensation={self.drift_compensation!r} is invalid: use one "
-                             f"of {list(DRIFT_MODES)}, or a mapping from hosts {list(HOSTS)} to one.")
         if self.score_batches is not None and self.score_batches < 1:
             raise ValueError(f"ContinualConfig.score_batches={self.score_batches!r} is invalid: use None (one full "
                              "pass over the task) or a positive cap.")
