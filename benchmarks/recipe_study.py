@@ -34,7 +34,7 @@ SUITES = {  # sized for a 2-core CPU; the validation split is 20% of these train
     "clinc150": ["--dataset", "clinc150", "--train-per-class", "20", "--batch-size", "32"],
 }
 BASE = {"optimizer": "sgd", "lr": 1e-3, "adapt": "every", "steps_per_task": 10, "density": 0.05, "grad_drop": 0.9,
-        "features": "adapted"}
+        "features": "adapted", "drift_anchor": "previous"}
 RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, weight decay 5e-4)
     "sgd-1e-3-every": {},
     "sgd-1e-3-first": {"adapt": "first"},
@@ -48,6 +48,8 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
     "sgd-1e-3-first-concat": {"adapt": "first", "features": "concat"},
     "sgd-1e-3-every-fuse": {"features": "fuse"},
     "sgd-1e-3-first-fuse": {"adapt": "first", "features": "fuse"},
+    # the current per-host features, old statistics kept in pre-trained space and mapped once
+    "sgd-1e-3-every-default-anchored": {"features": "simplecil=adapted,ranpac=fuse", "drift_anchor": "pretrained"},
 }
 TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
 

@@ -145,6 +145,38 @@ def test_compensation_recovers_most_of_the_oracle(make_host):
     assert accuracy(stale) <= accuracy(oracle) - 0.2  # measured: SimpleCIL 0.52, RanPAC 0.66
 
 
+@pytest.mark.parametrize("make_host", [SimpleCIL, lambda: RanPAC(projection_dim=256, seed=0)])
+def test_anchored_compensation_maps_pretrained_statistics_with_one_map(make_host):
+    """Statistics kept in pre-trained space go through one map (pre-trained -> current), whatever happened
+    between: two drifts here, where the chained host would need two maps."""
+    x0, y0 = blobs([0, 1, 2], per_class=60, spread=1.0)
+    x1, y1 = blobs([3, 4, 5], per_class=60, spread=1.0, seed=1)
+    xt, yt = blobs(range(6), per_class=40, spread=1.0, seed=2)
+    host = make_host()
+    host.fit_task(moved(x0), y0, anchor=x0)  # task 0's classes, learnt after one adaptation
+    torch.testing.assert_close(host.means(anchored=True)[1].double(), x0[y0 == 1].double().mean(0), rtol=1e-6, atol=0)
+    drift = fit_drift(x1, moved(moved(x1)), y1, "linear")  # pre-trained -> the backbone after two adaptations
+    host.compensate(drift, anchored=True)
+    for c in (0, 1, 2):
+        mapped = host.means()[c] if isinstance(host, RanPAC) else host.means()[c].double()
+        torch.testing.assert_close(mapped.double(), drift.points(x0[y0 == c].mean(0)[None], c)[0].double())
+        true = moved(moved(x0[y0 == c])).mean(0).double()  # fitted on other classes: within 2% of it
+        torch.testing.assert_close(mapped.double(), true, atol=0.02 * float(true.abs().max()), rtol=0)
+    host.fit_task(moved(moved(x1)), y1, anchor=x1)
+    assert (host.predict(moved(moved(xt))) == yt).float().mean() >= 0.99
+
+
+def test_anchored_compensation_needs_anchors_of_every_class():
+    host, ranpac = SimpleCIL(), RanPAC(projection_dim=32, seed=0)
+    x, y = blobs([0, 1])
+    for h in (host, ranpac):
+        h.fit_task(x, y)
+        with pytest.raises(RuntimeError, match="anchor="):
+            h.compensate(DriftMap(matrix=None, shift=torch.zeros(8, dtype=torch.float64)), anchored=True)
+        with pytest.raises(ValueError, match="anchor has 3 rows"):
+            h.fit_task(x, y, anchor=x[:3])
+
+
 def test_simplecil_compensation_maps_each_prototype():
     host = SimpleCIL()
     x, y = blobs([1, 2])

@@ -97,6 +97,39 @@ def test_fuse_keeps_an_exact_pretrained_ranpac_beside_the_compensated_adapted_on
     assert results["ranpac+mist"]["drift_compensation"] == "linear"
 
 
+def test_pretrained_anchor_keeps_old_statistics_in_pretrained_space(mnist_tasks, monkeypatch):
+    """`drift_anchor="pretrained"`: the hosts store their classes' pre-trained statistics (the frozen hosts' own,
+    bit for bit), fit the drift from the cached pre-trained features and never extract "before" features."""
+    made, descs = [], []
+
+    def make_host(host, config):
+        made.append(SimpleCIL() if host == "simplecil" else RanPAC(projection_dim=64, seed=config.seed))
+        return made[-1]
+
+    def extract(encoder, loader, desc=None):
+        descs.append(desc)
+        return extract_features(encoder, loader, desc=desc)
+
+    extract_features = runner.extract_features
+    monkeypatch.setattr(runner, "_make_host", make_host)
+    monkeypatch.setattr(runner, "extract_features", extract)
+    config = ContinualConfig(hosts=("simplecil", "ranpac"), methods=("frozen", "mist"), steps_per_task=2,
+                             batch_size=8, lr=1e-2, drift_anchor="pretrained", seed=0)
+    results = run_continual(lambda: assets.load_vit(28), mnist_tasks, image_collate(28), config)["methods"]
+    frozen_sc, frozen_rp, sc, rp_pretrained, rp_adapted = made
+    assert not any("before" in d for d in descs)
+    for c, prototype in frozen_sc.means().items():
+        assert torch.equal(sc.anchors[c], prototype)
+    for c, (n, total, second) in frozen_rp.class_stats.items():
+        assert rp_adapted.anchor_stats[c][0] == n and torch.equal(rp_adapted.anchor_stats[c][1], total)
+        assert torch.equal(rp_adapted.anchor_stats[c][2], second)
+    assert not rp_pretrained.anchor_stats and rp_adapted._synthetic  # compensated once, from the anchors
+    assert [results[k]["drift_anchor"] for k in ("simplecil", "simplecil+mist", "ranpac+mist")] == \
+        ["none", "pretrained", "pretrained"]
+    first = len(mnist_tasks[0].classes)
+    assert not torch.allclose(sc.prototypes[:first], frozen_sc.prototypes[:first])  # mapped, not copied
+
+
 def test_features_option_is_checked():
     with pytest.raises(ValueError, match="features='both'.*adapted"):
         ContinualConfig(features="both")
@@ -104,6 +137,8 @@ def test_features_option_is_checked():
         ContinualConfig(features={"lda": "concat"})
     assert ContinualConfig(features={"ranpac": "concat"}).feature_modes() == {"simplecil": "adapted",
                                                                              "ranpac": "concat"}
+    with pytest.raises(ValueError, match="drift_anchor='first'.*pretrained"):
+        ContinualConfig(drift_anchor="first")
 
 
 def test_cli_features_flag_reaches_the_config():
@@ -115,3 +150,6 @@ def test_cli_features_flag_reaches_the_config():
     assert parse().feature_modes() == ContinualConfig().feature_modes() == {"simplecil": "adapted", "ranpac": "fuse"}
     assert parse("--features", "concat").feature_modes() == {"simplecil": "concat", "ranpac": "concat"}
     assert parse("--features", "ranpac=concat").feature_modes() == {"simplecil": "adapted", "ranpac": "concat"}
+    assert parse().anchor_modes() == ContinualConfig().anchor_modes()
+    assert parse("--drift-anchor", "ranpac=pretrained").anchor_modes() == {"simplecil": "previous",
+                                                                           "ranpac": "pretrained"}

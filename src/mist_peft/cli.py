@@ -16,7 +16,7 @@ import datasets
 
 from .continual.hosts import DRIFT_MODES
 from .continual.report import write_results
-from .continual.runner import FEATURES, HOSTS, METHODS, ContinualConfig, run_continual
+from .continual.runner import DRIFT_ANCHORS, FEATURES, HOSTS, METHODS, ContinualConfig, run_continual
 from .continual.scenarios import class_incremental, clinc150_domain_groups
 
 PACKAGED = ("mnist", "fashion_mnist", "clinc150")
@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-compensation", default="linear",
                    help=f"old-class statistics after each adaptation: one of {DRIFT_MODES} for every host, or "
                         "per host, e.g. simplecil=linear,ranpac=none")
+    p.add_argument("--drift-anchor", default="previous",
+                   help=f"where the drift maps start, one of {DRIFT_ANCHORS} for every host or per host: the previous "
+                        "backbone (one map per adaptation, chained) or the pre-trained one (old statistics kept in "
+                        "pre-trained space, one map to the current backbone)")
     p.add_argument("--features", default="simplecil=adapted,ranpac=fuse",
                    help=f"what the hosts of an adapted backbone see, one of {FEATURES} for every host or per host "
                         "(e.g. simplecil=adapted,ranpac=fuse): its features; the pre-trained backbone's features "
@@ -165,7 +169,7 @@ def make_config(args: argparse.Namespace) -> ContinualConfig:
         density=args.density, grad_drop=args.grad_drop, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, pooling=args.pooling,
         projection_dim=args.projection_dim, drift_compensation=_per_host_option(args.drift_compensation),
-        features=_per_host_option(args.features),
+        features=_per_host_option(args.features), drift_anchor=_per_host_option(args.drift_anchor),
         diagnostics=args.diagnostics, overlap_decay=args.overlap_decay, frozen_quantile=args.frozen_quantile,
         tune_biases_and_norms=args.tune_biases_and_norms, seed=args.seed)
 

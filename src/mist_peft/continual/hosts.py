@@ -9,7 +9,10 @@ Both hosts see each task's training features once, keep no examples, and predict
 When the backbone moves between tasks (MIST before every task), old-class statistics were computed with an older
 backbone. :func:`fit_drift` estimates the drift from the current task's paired features (before/after adapting,
 same inputs, same transform) and both hosts' ``compensate`` carry their old statistics forward with it. The
-reference never does this (its old prototypes and Gram statistics go stale, spec A7).
+reference never does this (its old prototypes and Gram statistics go stale, spec A7). A host given ``anchor`` rows
+(the same inputs through the pre-trained backbone) also keeps its classes' statistics in that space, which never
+drifts; ``compensate(drift, anchored=True)`` then maps them with one drift fitted from the pre-trained features to
+the current ones, instead of chaining one map per adaptation.
 
 Labels are non-negative integers used as class ids; they need not be contiguous or arrive in order.
 """
@@ -150,24 +153,45 @@ def _as_inputs(
     return features, labels
 
 
+def _check_anchor(anchor: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor | None:
+    if anchor is None:
+        return None
+    anchor, _ = _as_inputs(anchor)
+    if anchor.shape[0] != features.shape[0]:
+        raise ValueError(f"anchor has {anchor.shape[0]} rows but features have {features.shape[0]}: pass the same "
+                         "inputs through the pre-trained backbone.")
+    return anchor
+
+
+def _require_anchors(stored, classes) -> None:
+    missing = [c for c in classes if c not in stored]
+    if missing:
+        raise RuntimeError(f"Classes {missing} have no anchor statistics: pass anchor= to every fit_task to "
+                           "compensate with anchored=True.")
+
+
 class SimpleCIL:
     """Cosine prototype classifier: each class is the mean of its training features, fixed once added."""
 
     def __init__(self) -> None:
         self.prototypes = torch.empty(0, 0)  # [C, H], rows in the order classes were added
         self.classes = torch.empty(0, dtype=torch.long)  # [C] class id of each row
+        self.anchors: dict[int, torch.Tensor] = {}  # class id -> mean of its anchor rows (pre-trained features)
 
     @property
     def seen_classes(self) -> list[int]:
         """Class ids the classifier can predict, in the order they were added."""
         return self.classes.tolist()
 
-    def fit_task(self, features: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    def fit_task(self, features: torch.Tensor, labels: torch.Tensor,
+                 anchor: torch.Tensor | None = None) -> list[int]:
         """Add prototypes for the classes in ``labels`` not seen before; return those new class ids.
 
-        Features of already-seen classes are ignored: their prototypes stay as first computed.
+        Features of already-seen classes are ignored: their prototypes stay as first computed. ``anchor``: the
+        same rows through the pre-trained backbone; their class means are kept for ``compensate(anchored=True)``.
         """
         features, labels = _as_inputs(features, labels)
+        anchor = _check_anchor(anchor, features)
         if self.prototypes.numel() and features.shape[1] != self.prototypes.shape[1]:
             raise ValueError(
                 f"Feature size {features.shape[1]} differs from earlier tasks' {self.prototypes.shape[1]}."
@@ -178,16 +202,23 @@ class SimpleCIL:
             rows = torch.stack([features[labels == c].mean(dim=0) for c in new])
             self.prototypes = rows if not self.prototypes.numel() else torch.cat([self.prototypes, rows])
             self.classes = torch.cat([self.classes, torch.tensor(new, dtype=torch.long)])
+            if anchor is not None:
+                self.anchors.update({c: anchor[labels == c].mean(dim=0) for c in new})
         return new
 
-    def means(self) -> dict[int, torch.Tensor]:
-        """Prototype of every seen class, by class id."""
+    def means(self, anchored: bool = False) -> dict[int, torch.Tensor]:
+        """Prototype of every seen class, by class id (``anchored``: its mean anchor row)."""
+        if anchored:
+            _require_anchors(self.anchors, self.seen_classes)
+            return {c: self.anchors[c] for c in self.seen_classes}
         return {int(c): p for c, p in zip(self.classes.tolist(), self.prototypes, strict=True)}
 
-    def compensate(self, drift: DriftMap) -> None:
-        """Move every stored prototype to where ``drift`` says its class's features went."""
+    def compensate(self, drift: DriftMap, anchored: bool = False) -> None:
+        """Move every stored prototype to where ``drift`` says its class's features went: from the current
+        prototypes, or (``anchored``, with ``drift`` fitted from pre-trained to current features) from the anchors."""
         if self.classes.numel():
-            self.prototypes = torch.stack([drift.points(p[None], c)[0] for c, p in self.means().items()]).float()
+            self.prototypes = torch.stack(
+                [drift.points(p[None], c)[0] for c, p in self.means(anchored).items()]).float()
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """Cosine similarity ``[N, C]`` between features and prototypes (columns follow ``seen_classes``)."""
@@ -240,6 +271,7 @@ class RanPAC:
         self._seen: list[int] = []
         self.num_tasks = 0
         self.class_stats: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}  # c -> (n, sum, second moment)
+        self.anchor_stats: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}  # the same, of anchor rows
         self._synthetic = False  # True once old classes' G and Q were re-synthesised by compensate()
 
     @property
@@ -293,11 +325,14 @@ class RanPAC:
                   for ridge in self.ridges]
         return self.ridges[min(range(len(errors)), key=errors.__getitem__)]
 
-    def fit_task(self, features: torch.Tensor, labels: torch.Tensor, solve: bool = True) -> float | None:
+    def fit_task(self, features: torch.Tensor, labels: torch.Tensor, solve: bool = True,
+                 anchor: torch.Tensor | None = None) -> float | None:
         """Accumulate one task's statistics, re-choose the ridge and re-solve the head; return the ridge.
 
-        ``solve=False`` only accumulates (for a caller that feeds several tasks before predicting)."""
+        ``solve=False`` only accumulates (for a caller that feeds several tasks before predicting). ``anchor``: the
+        same rows through the pre-trained backbone, whose class moments ``compensate(anchored=True)`` maps."""
         features, labels = _as_inputs(features, labels)
+        anchor = _check_anchor(anchor, features)
         projected = self.project(features)
         num_columns = max(int(labels.max()) + 1, 0 if self.targets is None else self.targets.shape[1])
         onehot = F.one_hot(labels, num_columns).double()
@@ -312,10 +347,11 @@ class RanPAC:
             self.ridge = self._choose_ridge(projected, onehot, old)
         self.gram += projected.T @ projected
         self.targets += projected.T @ onehot
-        for c in torch.unique(labels).tolist():
-            rows = features[labels == c].double()
-            n, total, second = self.class_stats.get(c, (0.0, 0.0, 0.0))
-            self.class_stats[c] = (n + rows.shape[0], total + rows.sum(0), second + (rows.T @ rows).float())
+        for stats, rows_of in ((self.class_stats, features), (self.anchor_stats, anchor)):
+            for c in torch.unique(labels).tolist() if rows_of is not None else []:
+                rows = rows_of[labels == c].double()
+                n, total, second = stats.get(c, (0.0, 0.0, 0.0))
+                stats[c] = (n + rows.shape[0], total + rows.sum(0), second + (rows.T @ rows).float())
         self._seen += [c for c in torch.unique(labels).tolist() if c not in self._seen]
         self.num_tasks += 1
         if not solve:
@@ -323,17 +359,23 @@ class RanPAC:
         self.w_out = self._ridge_solve(self.gram, self.targets, self.ridge)
         return self.ridge
 
-    def means(self) -> dict[int, torch.Tensor]:
-        """Mean raw feature of every seen class, by class id."""
-        return {c: total / n for c, (n, total, _) in self.class_stats.items()}
+    def means(self, anchored: bool = False) -> dict[int, torch.Tensor]:
+        """Mean raw feature of every seen class, by class id (``anchored``: its mean anchor row)."""
+        stats = self.anchor_stats if anchored else self.class_stats
+        if anchored:
+            _require_anchors(stats, self._seen)
+        return {c: total / n for c, (n, total, _) in stats.items()}
 
-    def compensate(self, drift: DriftMap, samples: int = 256) -> None:
-        """Rebuild G and Q of every stored class from its moments carried through ``drift``; re-solve W_o."""
+    def compensate(self, drift: DriftMap, samples: int = 256, anchored: bool = False) -> None:
+        """Rebuild G and Q of every stored class from its moments carried through ``drift``; re-solve W_o.
+        ``anchored``: the moments are the anchor rows' and ``drift`` maps pre-trained to current features."""
         if self.w_out is None:
             return
+        if anchored:
+            _require_anchors(self.anchor_stats, self._seen)
         generator = torch.Generator().manual_seed(self.seed + 7919 * (self.num_tasks + 1))
         gram, targets = torch.zeros_like(self.gram), torch.zeros_like(self.targets)
-        for c, (n, total, second) in list(self.class_stats.items()):
+        for c, (n, total, second) in list((self.anchor_stats if anchored else self.class_stats).items()):
             mean = total / n
             cov = second.double() / n - torch.outer(mean, mean)
             new_mean, new_cov = drift.points(mean[None], c)[0], drift.covariance(cov)
@@ -397,18 +439,22 @@ class FusedHost:
         """The columns that drift (the adapted half)."""
         return self._halves(features)[1]
 
-    def fit_task(self, features: torch.Tensor, labels: torch.Tensor, **kwargs):
+    def fit_task(self, features: torch.Tensor, labels: torch.Tensor, anchor: torch.Tensor | None = None,
+                 **kwargs):
+        """Fit both hosts; ``anchor`` (the same rows through the pre-trained backbone) reaches the adapted host as
+        its :meth:`drift_view` columns."""
         pretrained, adapted = self._halves(features)
         self.pretrained.fit_task(pretrained, labels, **kwargs)
-        return self.adapted.fit_task(adapted, labels, **kwargs)
+        anchor = None if anchor is None else self.drift_view(anchor)
+        return self.adapted.fit_task(adapted, labels, anchor=anchor, **kwargs)
 
-    def means(self) -> dict[int, torch.Tensor]:
+    def means(self, anchored: bool = False) -> dict[int, torch.Tensor]:
         """The adapted host's class means (what SDC's kernel is centred on)."""
-        return self.adapted.means()
+        return self.adapted.means(anchored)
 
-    def compensate(self, drift: DriftMap, *args) -> None:
+    def compensate(self, drift: DriftMap, *args, **kwargs) -> None:
         """Carry the adapted host's statistics through ``drift`` (fitted on :meth:`drift_view` columns)."""
-        self.adapted.compensate(drift, *args)
+        self.adapted.compensate(drift, *args, **kwargs)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         pretrained, adapted = self._halves(features)

@@ -7,6 +7,8 @@ ever used for evaluation. With adaptation before every task, the hosts carry the
 forward through the drift estimated on the current task (`drift_compensation`). The pre-trained backbone's
 features never drift, so a host may also use them: `features="concat"` feeds [pre-trained || adapted] rows to
 one host (APER, Zhou et al. 2023), `features="fuse"` sums the scores of a host on each half (`FusedHost`).
+The drift map goes from the previous backbone's features (one map per adaptation, chained) or, with
+`drift_anchor="pretrained"`, from the pre-trained backbone's (one map from statistics that never drift).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .scenarios import Task
 METHODS = ("frozen", "mist", "lora", "full", "mist-random", "mist-magnitude", "mist-ce", "mist-nodrop")
 HOSTS = ("simplecil", "ranpac")
 FEATURES = ("adapted", "concat", "fuse")
+DRIFT_ANCHORS = ("previous", "pretrained")
 
 
 def method_name(host: str, method: str) -> str:
@@ -51,7 +54,10 @@ class ContinualConfig:
     `features` is what an adapted method's hosts see, for every host or per host like `drift_compensation`:
     the adapted backbone's features; those concatenated after the pre-trained backbone's (`concat`); or two
     hosts, one per half, whose scores are summed (`fuse`). The pre-trained features of each split are computed
-    once per run and shared with the frozen method.
+    once per run and shared with the frozen method. `drift_anchor` (per host like `drift_compensation`): fit each
+    drift map from the previous backbone's features and chain them (`previous`), or from the pre-trained
+    backbone's features to the current ones, applied to class statistics kept in pre-trained space
+    (`pretrained`: one map, nothing chained).
     """
 
     hosts: Sequence[str] = ("simplecil",)
@@ -74,6 +80,7 @@ class ContinualConfig:
     projection_dim: int = 2000
     drift_compensation: str | Mapping[str, str] = "linear"
     features: str | Mapping[str, str] = field(default_factory=lambda: {"simplecil": "adapted", "ranpac": "fuse"})
+    drift_anchor: str | Mapping[str, str] = "previous"
     drift_samples: int = 256
     diagnostics: bool = False
     overlap_decay: float | None = None
@@ -89,7 +96,8 @@ class ContinualConfig:
                 raise ValueError(f"ContinualConfig.{name}={list(getattr(self, name))!r} is invalid: choose from "
                                  f"{list(allowed)}.")
         for name, modes, allowed in (("features", self.feature_modes(), FEATURES),
-                                     ("drift_compensation", self.compensation_modes(), DRIFT_MODES)):
+                                     ("drift_compensation", self.compensation_modes(), DRIFT_MODES),
+                                     ("drift_anchor", self.anchor_modes(), DRIFT_ANCHORS)):
             if any(m not in allowed for m in modes.values()) or set(modes) - set(HOSTS):
                 raise ValueError(f"ContinualConfig.{name}={getattr(self, name)!r} is invalid: use one of "
                                  f"{list(allowed)}, or a mapping from hosts {list(HOSTS)} to one.")
@@ -107,6 +115,10 @@ class ContinualConfig:
     def feature_modes(self) -> dict[str, str]:
         """What every host of an adapted backbone sees (`FEATURES`)."""
         return _per_host(self.features, "adapted")
+
+    def anchor_modes(self) -> dict[str, str]:
+        """Where every host's drift maps start (`DRIFT_ANCHORS`)."""
+        return _per_host(self.drift_anchor, "previous")
 
 
 def _per_host(option: str | Mapping[str, str], unnamed: str) -> dict[str, str]:
@@ -245,11 +257,16 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
     def accuracies(name, host, tests):
         return _accuracies(host, [(host_input(name, x, seen, "test"), y) for seen, (x, y) in tests])
 
+    # (host, mode) -> whether its statistics are kept in pre-trained space and mapped from there
+    anchored = {(h, m): m != "none" and method != "frozen" and config.adapt == "every"
+                and config.anchor_modes()[h] == "pretrained" for h, m in variants}
+
     for task in tasks:
         adapt_now = method != "frozen" and (config.adapt == "every" or task.index == 0)
+        compensate_now = adapt_now and task.index > 0
         before = None
         if adapt_now:
-            if task.index > 0 and any(m != "none" for _, m in variants):
+            if compensate_now and any(m != "none" and not anchored[(h, m)] for h, m in variants):
                 before, _ = features(task, "train", f"{method} task {task.index} train features before adapting")
             loader = DataLoader(task.train, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
                                 generator=g, drop_last=len(task.train) > config.batch_size)
@@ -260,15 +277,23 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
             cached_test.clear()  # the backbone changed: old features are stale
             cached_train.clear()
         train_x, train_y = features(task, "train", f"{method} task {task.index} train features")
+        pretrained_x = None
+        if any(anchored.values()):
+            pretrained_x, pretrained_y = frozen_features(task, "train")
+            if not torch.equal(pretrained_y, train_y):
+                raise RuntimeError("The pre-trained and current train features are not the same rows in the same order.")
         for (name, mode), host in variants.items():
             x = host_input(name, train_x, task, "train")
-            if before is not None and mode != "none":
+            # the same rows through the pre-trained backbone, for a host whose statistics live there
+            anchor = host_input(name, pretrained_x, task, "train") if anchored[(name, mode)] else None
+            if compensate_now and mode != "none":
                 view = getattr(host, "drift_view", lambda rows: rows)  # FusedHost: only the adapted half drifts
-                drift = fit_drift(view(host_input(name, before, task, "train")), view(x), train_y, mode,
-                                  old_means=host.means())
-                host.compensate(drift) if name == "simplecil" else host.compensate(drift, config.drift_samples)
+                source = anchor if anchor is not None else host_input(name, before, task, "train")
+                drift = fit_drift(view(source), view(x), train_y, mode, old_means=host.means(anchor is not None))
+                extra = {} if name == "simplecil" else {"samples": config.drift_samples}
+                host.compensate(drift, anchored=anchor is not None, **extra)
                 choices[(name, mode)].append(drift.choice)
-            host.fit_task(x, train_y)
+            host.fit_task(x, train_y, anchor=anchor)
         for seen in tasks[: task.index + 1]:
             if seen.index not in cached_test:
                 cached_test[seen.index] = features(seen, "test", f"{method} task {seen.index} test features")
@@ -300,6 +325,8 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
     for (name, mode), matrix in matrices.items():
         row = {**summary(matrix), "acc_matrix": matrix, "seconds": seconds, "changed_fraction": changed,
                "drift_compensation": mode if method != "frozen" else "none",
+               "drift_anchor": "pretrained" if anchored[(name, mode)] else
+               "previous" if method != "frozen" and mode != "none" else "none",
                "features": feature_modes[name] if method != "frozen" else "pre-trained"}
         if choices[(name, mode)]:
             row["drift_choices"] = choices[(name, mode)]
