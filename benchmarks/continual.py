@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
-from mist_peft.cli import build_parser, continual
+from mist_peft.cli import build_parser, continual, make_config
 from mist_peft.continual.report import plot_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,10 +93,28 @@ def run_seed(args, seed: str, out: Path) -> dict:
         [*base, "--methods", args.methods, "--diagnostics", "--output-dir", str(out / f"seed{seed}")]))
     if args.no_first:
         return every
-    first = continual(build_parser().parse_args(
-        [*base, "--methods", "mist", "--adapt", "first", "--output-dir", str(out / f"seed{seed}-first")]))
+    first_args = build_parser().parse_args(
+        [*base, "--methods", "mist", "--adapt", "first", "--output-dir", str(out / f"seed{seed}-first")])
+    first = reusable_first(first_args) if args.reuse_first else None
+    first = first or continual(first_args)
     every["methods"].update({f"{n}[first]": r for n, r in first["methods"].items()})
     return every
+
+
+# Options that act only when the backbone moves after the first task: a first-task-only run does not read them.
+DRIFT_ONLY = ("drift_compensation", "drift_anchor", "drift_samples", "diagnostics")
+
+
+def reusable_first(args) -> dict | None:
+    """An earlier --adapt first run in the same folder, if it ran exactly these options but the drift ones."""
+    path = Path(args.output_dir) / "results.json"
+    if not path.exists():
+        return None
+    stored = json.loads(path.read_text())
+    wanted = json.loads(json.dumps(asdict(make_config(args))))
+    same = all(stored["config"].get(k) == v for k, v in wanted.items() if k not in DRIFT_ONLY)
+    print(f"{path}: {'reused' if same else 'options differ, rerun'}")
+    return stored if same else None
 
 
 def main() -> None:
@@ -106,6 +125,8 @@ def main() -> None:
     p.add_argument("--methods", default="frozen,mist")
     p.add_argument("--host", default="simplecil,ranpac")
     p.add_argument("--no-first", action="store_true", help="skip the --adapt first runs")
+    p.add_argument("--reuse-first", action="store_true",
+                   help="reuse an earlier --adapt first run of a seed when only drift options changed since")
     p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further `mist-peft continual` flags, after --")
     args = p.parse_args()

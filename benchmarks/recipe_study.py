@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 
 from mist_peft.cli import (
+    _per_host_option,
     _subsample,
     build_parser,
     load_backbone,
@@ -25,7 +26,7 @@ from mist_peft.cli import (
     make_tasks,
     validation_split,
 )
-from mist_peft.continual.runner import FEATURES, HOSTS, run_continual
+from mist_peft.continual.runner import HOSTS, ContinualConfig, run_continual
 
 OUT = Path(__file__).resolve().parent / "results" / "recipe_study"
 SUITES = {  # sized for a 2-core CPU; the validation split is 20% of these train rows
@@ -119,34 +120,48 @@ def summarise() -> str:
     return "\n".join(lines)
 
 
+HOST_SIDE = ("features", "drift_anchor")  # options that change what a host does, not the backbone
+
+
+def host_variant(recipe: dict, host: str) -> str:
+    """What `host` does under `recipe`: its features mode, plus ", anchored" for pre-trained drift anchors."""
+    config = ContinualConfig(features=_per_host_option(recipe["features"]),
+                             drift_anchor=_per_host_option(recipe["drift_anchor"]))
+    anchored = config.anchor_modes()[host] == "pretrained"
+    return config.feature_modes()[host] + (", anchored" if anchored else "")
+
+
 def features_per_host(per: dict, cells: list) -> list[str]:
-    """Hosts do not steer the backbone, so each host may take its own `features` mode on one backbone recipe: for
-    every backbone recipe (a recipe without its features) and host, the mode with the best worst min(Avg, Last)
-    cell over the suites, among the modes run on every suite. Worst cells within TIE points of the best are a tie
-    (one validation image is 0.5 points of a 200-image split), broken by the mean cell over the suites."""
+    """Hosts do not steer the backbone, so each host may take its own `features` and `drift_anchor` on one
+    backbone recipe: for every backbone recipe (a recipe without its host-side options) and host, the variant with
+    the best worst min(Avg, Last) cell over the suites, among the variants run on every suite. Worst cells within
+    TIE points of the best are a tie (one validation image is 0.5 points of a 200-image split), broken by the mean
+    cell over the suites."""
     suites = sorted({s for s, _ in cells})
-    lines = ["Per host, on one backbone recipe: worst min(Avg, Last) of each `features` mode over the suites "
-             "(complete modes only)", "", "| backbone recipe | host | " + " | ".join(FEATURES) + " | choice |",
-             "|---|---|" + "---:|" * (len(FEATURES) + 1)]
-    backbones: dict[tuple, dict[str, str]] = {}
+    groups: dict[tuple, dict[str, dict[str, str]]] = {}  # backbone recipe -> host -> variant -> recipe name
     for name in per:
         recipe = {**BASE, **RECIPES.get(name, {})}
-        key = tuple(sorted((k, v) for k, v in recipe.items() if k != "features"))
-        backbones.setdefault(key, {})[recipe["features"]] = name
-    for modes in backbones.values():
-        label = modes.get("adapted", next(iter(modes.values())))
+        key = tuple(sorted((k, v) for k, v in recipe.items() if k not in HOST_SIDE))
         for host in HOSTS:
+            groups.setdefault(key, {}).setdefault(host, {}).setdefault(host_variant(recipe, host), name)
+    variants = sorted({v for g in groups.values() for by in g.values() for v in by}, key=lambda v: (len(v), v))
+    lines = ["Per host, on one backbone recipe: worst min(Avg, Last) of each host-side variant over the suites "
+             "(complete variants only)", "", "| backbone recipe | host | " + " | ".join(variants) + " | choice |",
+             "|---|---|" + "---:|" * (len(variants) + 1)]
+    for by_host in groups.values():
+        for host, named in by_host.items():
+            label = named.get("adapted", next(iter(named.values())))
             worst, mean = {}, {}
-            for mode, name in modes.items():
+            for variant, name in named.items():
                 gains = [per[name].get((s, host)) for s in suites]
                 if all(gains):
                     both = [min(statistics.mean(g[0] for g in x), statistics.mean(g[1] for g in x)) for x in gains]
-                    worst[mode], mean[mode] = min(both), statistics.mean(both)
+                    worst[variant], mean[variant] = min(both), statistics.mean(both)
             if len(worst) > 1:
                 best = max(worst.values())
-                choice = max((m for m in worst if worst[m] >= best - TIE), key=mean.get)
+                choice = max((v for v in worst if worst[v] >= best - TIE), key=mean.get)
                 lines.append(f"| {label} | {host} | " + " | ".join(
-                    f"{worst[m]:+.2f}" if m in worst else "-" for m in FEATURES) + f" | {choice} |")
+                    f"{worst[v]:+.2f}" if v in worst else "-" for v in variants) + f" | {choice} |")
     return lines
 
 

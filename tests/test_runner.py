@@ -150,6 +150,7 @@ def test_cli_features_flag_reaches_the_config():
     assert parse().feature_modes() == ContinualConfig().feature_modes() == {"simplecil": "adapted", "ranpac": "fuse"}
     assert parse("--features", "concat").feature_modes() == {"simplecil": "concat", "ranpac": "concat"}
     assert parse("--features", "ranpac=concat").feature_modes() == {"simplecil": "adapted", "ranpac": "concat"}
-    assert parse().anchor_modes() == ContinualConfig().anchor_modes()
+    assert parse().anchor_modes() == ContinualConfig().anchor_modes() == {"simplecil": "previous",
+                                                                          "ranpac": "pretrained"}
     assert parse("--drift-anchor", "ranpac=pretrained").anchor_modes() == {"simplecil": "previous",
                                                                            "ranpac": "pretrained"}

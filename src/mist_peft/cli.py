@@ -121,10 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-compensation", default="linear",
                    help=f"old-class statistics after each adaptation: one of {DRIFT_MODES} for every host, or "
                         "per host, e.g. simplecil=linear,ranpac=none")
-    p.add_argument("--drift-anchor", default="previous",
+    p.add_argument("--drift-anchor", default="simplecil=previous,ranpac=pretrained",
                    help=f"where the drift maps start, one of {DRIFT_ANCHORS} for every host or per host: the previous "
                         "backbone (one map per adaptation, chained) or the pre-trained one (old statistics kept in "
-                        "pre-trained space, one map to the current backbone)")
+                        "pre-trained space, one map to the current backbone). Default: chosen on validation splits")
     p.add_argument("--features", default="simplecil=adapted,ranpac=fuse",
                    help=f"what the hosts of an adapted backbone see, one of {FEATURES} for every host or per host "
                         "(e.g. simplecil=adapted,ranpac=fuse): its features; the pre-trained backbone's features "
