@@ -6,7 +6,8 @@ recomputed with the current backbone: not exemplar-free, a diagnostic) and the p
 
     python benchmarks/continual.py --suite clinc150 --data-dir ../shared/data/clinc150
     python benchmarks/continual.py --suite image
-    python benchmarks/continual.py --suite image --methods frozen,mist,lora,full,mist-ce   # ablations
+    python benchmarks/continual.py --suite image --methods frozen,mist,lora,full,mist-ce --no-first --no-diagnostics \
+        --output-dir benchmarks/results/ablations   # ablations
 
 Every seed runs the CLI's recipe with --diagnostics (rows host+mist@none / @sdc share the backbone of
 host+mist, so their differences are drift compensation alone), and once more with --adapt first
@@ -89,8 +90,9 @@ def table(summary: dict[str, dict], seeds: int) -> str:
 def run_seed(args, seed: str, out: Path) -> dict:
     base = ["continual", *SUITES[args.suite], "--data-dir", args.data_dir, "--host", args.host, "--seed", seed,
             *[a for a in args.extra if a != "--"]]
+    diagnostics = [] if args.no_diagnostics else ["--diagnostics"]
     every = continual(build_parser().parse_args(
-        [*base, "--methods", args.methods, "--diagnostics", "--output-dir", str(out / f"seed{seed}")]))
+        [*base, "--methods", args.methods, *diagnostics, "--output-dir", str(out / f"seed{seed}")]))
     if args.no_first:
         return every
     first_args = build_parser().parse_args(
@@ -125,6 +127,8 @@ def main() -> None:
     p.add_argument("--methods", default="frozen,mist")
     p.add_argument("--host", default="simplecil,ranpac")
     p.add_argument("--no-first", action="store_true", help="skip the --adapt first runs")
+    p.add_argument("--no-diagnostics", action="store_true",
+                   help="skip the other compensations and the oracle (for ablations of the backbone method)")
     p.add_argument("--reuse-first", action="store_true",
                    help="reuse an earlier --adapt first run of a seed when only drift options changed since")
     p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
