@@ -151,6 +151,6 @@ def test_cli_features_flag_reaches_the_config():
     assert parse("--features", "concat").feature_modes() == {"simplecil": "concat", "ranpac": "concat"}
     assert parse("--features", "ranpac=concat").feature_modes() == {"simplecil": "adapted", "ranpac": "concat"}
     assert parse().anchor_modes() == ContinualConfig().anchor_modes() == {"simplecil": "previous",
-                                                                          "ranpac": "pretrained"}
+                                                                          "ranpac": "previous"}
     assert parse("--drift-anchor", "ranpac=pretrained").anchor_modes() == {"simplecil": "previous",
                                                                            "ranpac": "pretrained"}

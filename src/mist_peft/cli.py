@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-compensation", default="linear",
                    help=f"old-class statistics after each adaptation: one of {DRIFT_MODES} for every host, or "
                         "per host, e.g. simplecil=linear,ranpac=none")
-    p.add_argument("--drift-anchor", default="simplecil=previous,ranpac=pretrained",
+    p.add_argument("--drift-anchor", default="previous",
                    help=f"where the drift maps start, one of {DRIFT_ANCHORS} for every host or per host: the previous "
                         "backbone (one map per adaptation, chained) or the pre-trained one (old statistics kept in "
                         "pre-trained space, one map to the current backbone). Default: chosen on validation splits")

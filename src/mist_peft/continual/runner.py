@@ -80,8 +80,7 @@ class ContinualConfig:
     projection_dim: int = 2000
     drift_compensation: str | Mapping[str, str] = "linear"
     features: str | Mapping[str, str] = field(default_factory=lambda: {"simplecil": "adapted", "ranpac": "fuse"})
-    drift_anchor: str | Mapping[str, str] = field(default_factory=lambda: {"simplecil": "previous",
-                                                                           "ranpac": "pretrained"})
+    drift_anchor: str | Mapping[str, str] = "previous"
     drift_samples: int = 256
     diagnostics: bool = False
     overlap_decay: float | None = None
