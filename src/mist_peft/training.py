@@ -66,8 +66,9 @@ class MISTTrainingConfig:
 
 
 def needs_selection(model: nn.Module, adapter_name: str) -> bool:
-    """True while the adapter's entries have not been chosen (a fresh `selection="mi_fisher"` adapter)."""
-    return not is_selected(model, adapter_name)
+    """True while a MIST adapter's entries have not been chosen (a fresh `selection="mi_fisher"` adapter). A model
+    without MIST layers (LoRA, or full fine-tuning through `train_mist`) has nothing to select."""
+    return bool(mist_layers(model, adapter_name)) and not is_selected(model, adapter_name)
 
 
 def _step_draws(model: nn.Module, adapter_name: str) -> Iterable[tuple[int, torch.Tensor | None]]:
