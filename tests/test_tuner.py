@@ -253,6 +253,63 @@ def test_fused_linear_gradients_match_dense_autograd(use_sddmm, monkeypatch):
         torch.testing.assert_close(values.grad, expected)
 
 
+@pytest.mark.parametrize("kind,autocast", [("bert", False), ("bert", True), ("vit", False), ("llama", False)])
+def test_query_key_value_share_one_token_major_input_bit_exactly(kind, autocast, monkeypatch):
+    """q/k/v read one tensor: its token-major copy is made once per block, not three times, the values'
+    gradients are bit-identical to unshared copies (also under bf16 autocast, where each layer casts the input
+    anew), and no copy outlives the backward."""
+    targets = {"bert": ["query", "key", "value"], "vit": ["q_proj", "k_proj", "v_proj"],
+               "llama": ["q_proj", "k_proj", "v_proj"]}[kind]
+    made, holders = [], []
+    real_major, real_init = layer_mod._token_major, layer_mod._InputMajor.__init__
+
+    def counting_major(t):
+        made.append(tuple(t.shape))
+        return real_major(t)
+
+    def recording_init(self):
+        real_init(self)
+        holders.append(self)
+
+    monkeypatch.setattr(layer_mod, "_token_major", counting_major)
+    monkeypatch.setattr(layer_mod._InputMajor, "__init__", recording_init)
+
+    def grads(shared: bool):
+        made.clear()
+        holders.clear()
+        if not shared:  # every forward gets its own holder, as for three different inputs
+            monkeypatch.setattr(layer_mod._InputMajor, "shared", classmethod(lambda cls, x, dtype: cls._fresh(x)))
+        model = get_peft_model(MODELS[kind](), MISTConfig(target_modules=targets, selection="magnitude",
+                                                          grad_drop=0.5))
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model_output(model, tiny_inputs(kind)).float().pow(2).mean()
+        loss.backward()
+        monkeypatch.setattr(layer_mod._InputMajor, "shared", real_shared)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, len(made)
+
+    real_shared = layer_mod._InputMajor.shared
+    layer_mod._InputMajor._fresh = classmethod(lambda cls, x: _fresh_holder(cls))
+    try:
+        with_sharing, copies_shared = grads(True)
+        assert all(h.tensor is None and h.users == 0 for h in holders)
+        without, copies_unshared = grads(False)
+    finally:
+        del layer_mod._InputMajor._fresh
+    blocks = 2
+    assert (copies_shared, copies_unshared) == (4 * blocks, 6 * blocks)
+    assert with_sharing.keys() == without.keys() and len(with_sharing) == 3 * blocks
+    for name, grad in with_sharing.items():
+        assert torch.equal(grad, without[name]), name
+        assert grad.abs().sum() > 0
+
+
+def _fresh_holder(cls):
+    holder = cls()
+    holder.users += 1
+    return holder
+
+
 def test_kept_subset_depends_only_on_seed_layer_and_step():
     """Two independently built models (two processes) draw the same subsets, step after step."""
     draws = []

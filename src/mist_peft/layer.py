@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 import warnings
 import weakref
 import zlib
@@ -608,6 +609,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
             else:
                 y = F.linear(xc, w, b)
         ctx.fan_in_fan_out, ctx.meta, ctx.dtype, ctx.x_dtype, ctx.live = fan_in_fan_out, meta, dtype, x.dtype, live
+        ctx.inputs = _InputMajor.shared(x, dtype) if any(v.requires_grad for v in values) else None
         ctx.save_for_backward(xc, weight, bias, *values)
         return y
 
@@ -628,6 +630,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
         if bias is not None and need[2]:
             grad_b = gy2.sum(0).to(bias.dtype)
         grad_values = []
+        majors: list = []  # token-major gy and x, made once for every adapter of this layer
         for i, ((idx, kept, scale), v) in enumerate(zip(ctx.meta, values, strict=True)):
             if not need[5 + i]:
                 grad_values.append(None)
@@ -637,7 +640,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
             if grad_w is not None:
                 dots = grad_w.reshape(-1).index_select(0, flat)
             else:
-                dots = _kept_weight_grad(gy2, x2, flat, tuple(weight.shape), fan)
+                dots = _kept_weight_grad(gy2, x2, flat, tuple(weight.shape), fan, majors, ctx.inputs)
             g = torch.zeros_like(v)
             g.index_copy_(0, positions, dots.to(v.dtype) * _at(scale, positions))
             grad_values.append(g)
@@ -651,14 +654,57 @@ def _compose(weight: torch.Tensor, meta: list, values) -> torch.Tensor:
     return flat.view_as(weight)
 
 
-def _kept_weight_grad(gy2: torch.Tensor, x2: torch.Tensor, flat: torch.Tensor, shape: tuple, fan: bool):
+def _token_major(t: torch.Tensor) -> torch.Tensor:
+    """``t.t()`` stored contiguously ([features, tokens]), in fp32 or fp64: the layout the CPU SDDMM kernel
+    reads (it transposes any other layout itself); half-precision SDDMM is not on every device."""
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    return t.t().contiguous()
+
+
+class _InputMajor:
+    """The token-major copy of one layer input, shared by every MIST Linear that reads that same tensor (an
+    attention block's query, key and value): made by the first of their backwards, dropped after the last.
+
+    On a 2-core CPU a transposing copy costs 4x a plain one and is most of what a MIST step adds to LoRA's,
+    so sharing it across q/k/v removes a third of the input-side copies. Forwards register their input here;
+    a tensor counts as the same input only while it is alive and unmodified (weakref + version counter).
+    """
+
+    _last = threading.local()
+
+    def __init__(self) -> None:
+        self.users, self.tensor = 0, None
+
+    @classmethod
+    def shared(cls, x: torch.Tensor, dtype: torch.dtype) -> _InputMajor:
+        """The holder for input ``x`` computed in ``dtype`` (a new one unless the last forward read the same)."""
+        last = getattr(cls._last, "entry", None)
+        if last is None or last[0]() is not x or last[1:3] != (x._version, dtype):
+            last = cls._last.entry = (weakref.ref(x), x._version, dtype, cls())
+        last[3].users += 1
+        return last[3]
+
+    def take(self, x2: torch.Tensor) -> torch.Tensor:
+        """The token-major input for one user (made now if no earlier user made it)."""
+        major = self.tensor if self.tensor is not None else _token_major(x2)
+        self.users -= 1
+        self.tensor = major if self.users > 0 else None
+        return major
+
+
+def _kept_weight_grad(gy2: torch.Tensor, x2: torch.Tensor, flat: torch.Tensor, shape: tuple, fan: bool,
+                      majors: list | None = None, inputs: _InputMajor | None = None) -> torch.Tensor:
     """dL/dW at the sorted flat indices `flat` of a weight stored as `shape` ([out, in], or [in, out] for
-    Conv1D), without building the dense gradient when SDDMM is available."""
-    # Row-major pattern over the stored layout: W[out, in] gets gy^T x, Conv1D's W[in, out] gets x^T gy.
-    left, right = (x2, gy2) if fan else (gy2, x2)
+    Conv1D), without building the dense gradient when SDDMM is available. `majors` caches the token-major
+    operands across calls of one backward; `inputs` shares the input's with sibling layers."""
     if USE_SDDMM and flat.numel():
-        if left.dtype not in (torch.float32, torch.float64):  # half-precision SDDMM is not on every device
-            left, right = left.float(), right.float()
+        majors = [] if majors is None else majors
+        if not majors:
+            majors += [_token_major(gy2), inputs.take(x2) if inputs is not None else _token_major(x2)]
+        g_major, x_major = majors
+        # Row-major pattern over the stored layout: W[out, in] gets gy^T x, Conv1D's W[in, out] gets x^T gy.
+        left, right = (x_major, g_major) if fan else (g_major, x_major)
         rows, cols = flat // shape[1], flat % shape[1]
         # `flat` is sorted, so are its rows: CSR row pointers without counting on the host
         crow = torch.searchsorted(rows, torch.arange(shape[0] + 1, device=flat.device))
@@ -666,7 +712,8 @@ def _kept_weight_grad(gy2: torch.Tensor, x2: torch.Tensor, flat: torch.Tensor, s
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(flat.numel(), dtype=left.dtype,
                                                                        device=left.device), shape)
-            return torch.sparse.sampled_addmm(pattern, left.t().contiguous(), right, beta=0.0).values()
+            return torch.sparse.sampled_addmm(pattern, left, right.t(), beta=0.0).values()
+    left, right = (x2, gy2) if fan else (gy2, x2)
     return (left.t() @ right).reshape(-1).index_select(0, flat)
 
 
