@@ -33,7 +33,7 @@ def measure(spec: common.ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
     ratios["step_vs_full"] = common.ratio(mist.get(basis), full.get(basis))
     # Steps of one round run back to back, so their ratio cancels the slow drifts of a shared machine's speed
     # (seen as 20% between rounds); the median of the rounds' ratios is the robust same-run estimate.
-    samples = basis.removesuffix("_median_s")
+    samples = basis.replace("_median_s", "_s")  # the per-step list behind the median
     for other in ("lora", "full"):
         paired = [a / b for a, b in zip(mist.get(samples, []), times[other].get(samples, []), strict=True)]
         ratios[f"paired_vs_{other}"] = statistics.median(paired) if paired else None
