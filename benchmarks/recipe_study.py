@@ -51,6 +51,9 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
     "sgd-1e-3-first-fuse": {"adapt": "first", "features": "fuse"},
     # the current per-host features, old statistics kept in pre-trained space and mapped once
     "sgd-1e-3-every-default-anchored": {"features": "simplecil=adapted,ranpac=fuse", "drift_anchor": "pretrained"},
+    # the current per-host features with the reference's cross-task state (spec: overlap decay 0.9, q_f = 1.0)
+    "sgd-1e-3-every-default-crosstask": {"features": "simplecil=adapted,ranpac=fuse", "overlap_decay": 0.9,
+                                         "frozen_quantile": 1.0},
 }
 TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
 

@@ -359,23 +359,26 @@ class RanPAC:
         self.w_out = self._ridge_solve(self.gram, self.targets, self.ridge)
         return self.ridge
 
+    def _moments(self, anchored: bool) -> dict[int, tuple[float, torch.Tensor, torch.Tensor]]:
+        """Per-class (count, sum, second moment): of the features, or (``anchored``) of the anchor rows."""
+        if anchored:
+            _require_anchors(self.anchor_stats, self._seen)
+            return self.anchor_stats
+        return self.class_stats
+
     def means(self, anchored: bool = False) -> dict[int, torch.Tensor]:
         """Mean raw feature of every seen class, by class id (``anchored``: its mean anchor row)."""
-        stats = self.anchor_stats if anchored else self.class_stats
-        if anchored:
-            _require_anchors(stats, self._seen)
-        return {c: total / n for c, (n, total, _) in stats.items()}
+        return {c: total / n for c, (n, total, _) in self._moments(anchored).items()}
 
     def compensate(self, drift: DriftMap, samples: int = 256, anchored: bool = False) -> None:
         """Rebuild G and Q of every stored class from its moments carried through ``drift``; re-solve W_o.
         ``anchored``: the moments are the anchor rows' and ``drift`` maps pre-trained to current features."""
         if self.w_out is None:
             return
-        if anchored:
-            _require_anchors(self.anchor_stats, self._seen)
+        moments = self._moments(anchored)
         generator = torch.Generator().manual_seed(self.seed + 7919 * (self.num_tasks + 1))
         gram, targets = torch.zeros_like(self.gram), torch.zeros_like(self.targets)
-        for c, (n, total, second) in list((self.anchor_stats if anchored else self.class_stats).items()):
+        for c, (n, total, second) in list(moments.items()):
             mean = total / n
             cov = second.double() / n - torch.outer(mean, mean)
             new_mean, new_cov = drift.points(mean[None], c)[0], drift.covariance(cov)
