@@ -304,6 +304,24 @@ def test_query_key_value_share_one_token_major_input_bit_exactly(kind, autocast,
         assert grad.abs().sum() > 0
 
 
+def test_inference_mode_and_no_grad_match_with_two_active_adapters():
+    """Two active adapters take the composition path even without gradients: inference_mode's tensors (which
+    have no version counter) must run it, with the same output as no_grad."""
+    model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query", "value"], selection="magnitude"))
+    model.add_adapter("b", MISTConfig(target_modules=["query", "value"], selection="magnitude", density=0.1))
+    model.base_model.set_adapter(["default", "b"])
+    for layer in mist_layers(model, "default").values():
+        for name in ("default", "b"):
+            with torch.no_grad():
+                layer.mist_values[name].normal_()
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        expected = model_output(model, inputs)
+    with torch.inference_mode():
+        got = model_output(model, {k: v.clone() for k, v in inputs.items()})
+    assert torch.equal(got, expected)
+
+
 def _fresh_holder(cls):
     holder = cls()
     holder.users += 1

@@ -609,7 +609,9 @@ class _SparseDeltaLinear(torch.autograd.Function):
             else:
                 y = F.linear(xc, w, b)
         ctx.fan_in_fan_out, ctx.meta, ctx.dtype, ctx.x_dtype, ctx.live = fan_in_fan_out, meta, dtype, x.dtype, live
-        ctx.inputs = _InputMajor.shared(x, dtype) if any(v.requires_grad for v in values) else None
+        # only a backward that computes values' gradients reads it (inference tensors have no version counter)
+        ctx.inputs = _InputMajor.shared(x, dtype) if any(ctx.needs_input_grad[5:]) and not x.is_inference() \
+            else None
         ctx.save_for_backward(xc, weight, bias, *values)
         return y
 
