@@ -278,7 +278,7 @@ def test_query_key_value_share_one_token_major_input_bit_exactly(kind, autocast,
         made.clear()
         holders.clear()
         if not shared:  # every forward gets its own holder, as for three different inputs
-            monkeypatch.setattr(layer_mod._InputMajor, "shared", classmethod(lambda cls, x, dtype: cls._fresh(x)))
+            monkeypatch.setattr(layer_mod._InputMajor, "shared", classmethod(lambda cls, x, dtype: _fresh_holder(cls)))
         model = get_peft_model(MODELS[kind](), MISTConfig(target_modules=targets, selection="magnitude",
                                                           grad_drop=0.5))
         model.train()
@@ -289,13 +289,9 @@ def test_query_key_value_share_one_token_major_input_bit_exactly(kind, autocast,
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, len(made)
 
     real_shared = layer_mod._InputMajor.shared
-    layer_mod._InputMajor._fresh = classmethod(lambda cls, x: _fresh_holder(cls))
-    try:
-        with_sharing, copies_shared = grads(True)
-        assert all(h.tensor is None and h.users == 0 for h in holders)
-        without, copies_unshared = grads(False)
-    finally:
-        del layer_mod._InputMajor._fresh
+    with_sharing, copies_shared = grads(True)
+    assert all(h.tensor is None and h.users == 0 for h in holders)
+    without, copies_unshared = grads(False)
     blocks = 2
     assert (copies_shared, copies_unshared) == (4 * blocks, 6 * blocks)
     assert with_sharing.keys() == without.keys() and len(with_sharing) == 3 * blocks
