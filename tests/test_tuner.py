@@ -253,11 +253,12 @@ def test_fused_linear_gradients_match_dense_autograd(use_sddmm, monkeypatch):
         torch.testing.assert_close(values.grad, expected)
 
 
-@pytest.mark.parametrize("kind,autocast", [("bert", False), ("bert", True), ("vit", False), ("llama", False)])
-def test_query_key_value_share_one_token_major_input_bit_exactly(kind, autocast, monkeypatch):
+@pytest.mark.parametrize("kind,precision", [("bert", "fp32"), ("bert", "bf16 autocast"), ("bert", "bf16 base"),
+                                            ("vit", "fp32"), ("llama", "fp32")])
+def test_query_key_value_share_one_token_major_input_bit_exactly(kind, precision, monkeypatch):
     """q/k/v read one tensor: its token-major copy is made once per block, not three times, the values'
     gradients are bit-identical to unshared copies (also under bf16 autocast, where each layer casts the input
-    anew), and no copy outlives the backward."""
+    anew, and with bf16 base weights), and no copy outlives the backward."""
     targets = {"bert": ["query", "key", "value"], "vit": ["q_proj", "k_proj", "v_proj"],
                "llama": ["q_proj", "k_proj", "v_proj"]}[kind]
     made, holders = [], []
@@ -279,10 +280,11 @@ def test_query_key_value_share_one_token_major_input_bit_exactly(kind, autocast,
         holders.clear()
         if not shared:  # every forward gets its own holder, as for three different inputs
             monkeypatch.setattr(layer_mod._InputMajor, "shared", classmethod(lambda cls, x, dtype: _fresh_holder(cls)))
-        model = get_peft_model(MODELS[kind](), MISTConfig(target_modules=targets, selection="magnitude",
-                                                          grad_drop=0.5))
+        base = MODELS[kind]()
+        base = base.to(torch.bfloat16) if precision == "bf16 base" else base
+        model = get_peft_model(base, MISTConfig(target_modules=targets, selection="magnitude", grad_drop=0.5))
         model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast"):
             loss = model_output(model, tiny_inputs(kind)).float().pow(2).mean()
         loss.backward()
         monkeypatch.setattr(layer_mod._InputMajor, "shared", real_shared)
