@@ -666,7 +666,8 @@ def _token_major(t: torch.Tensor) -> torch.Tensor:
 
 class _InputMajor:
     """The token-major copy of one layer input, shared by every MIST Linear that reads that same tensor (an
-    attention block's query, key and value): made by the first of their backwards, dropped after the last.
+    attention block's query, key and value; Llama's gate and up projections): made by the first of their
+    backwards, dropped after the last.
 
     On a 2-core CPU a transposing copy costs 4x a plain one and is most of what a MIST step adds to LoRA's,
     so sharing it across q/k/v removes a third of the input-side copies. Forwards register their input here;
@@ -696,12 +697,11 @@ class _InputMajor:
 
 
 def _kept_weight_grad(gy2: torch.Tensor, x2: torch.Tensor, flat: torch.Tensor, shape: tuple, fan: bool,
-                      majors: list | None = None, inputs: _InputMajor | None = None) -> torch.Tensor:
+                      majors: list, inputs: _InputMajor | None) -> torch.Tensor:
     """dL/dW at the sorted flat indices `flat` of a weight stored as `shape` ([out, in], or [in, out] for
     Conv1D), without building the dense gradient when SDDMM is available. `majors` caches the token-major
     operands across calls of one backward; `inputs` shares the input's with sibling layers."""
     if USE_SDDMM and flat.numel():
-        majors = [] if majors is None else majors
         if not majors:
             majors += [_token_major(gy2), inputs.take(x2) if inputs is not None else _token_major(x2)]
         g_major, x_major = majors
