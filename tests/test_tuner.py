@@ -302,6 +302,40 @@ def test_query_key_value_share_one_token_major_input_bit_exactly(kind, precision
         assert grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16 autocast"])
+def test_key_gradient_laid_out_as_k_transposed_is_read_without_a_transposing_copy(precision, monkeypatch):
+    """BERT's attention hands the key projection a gradient whose features are strided (it comes from k^T):
+    `_token_rows` copies it features-major, so its SDDMM operand needs no transpose, and every gradient of a
+    training step stays bit-identical to reading it as plain [tokens, features] rows."""
+    strided, real_rows = [], layer_mod._token_rows
+
+    def recording_rows(t):
+        strided.append(t.stride(-1) != 1)
+        return real_rows(t)
+
+    def grads(rows):
+        monkeypatch.setattr(layer_mod, "_token_rows", rows)
+        model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query", "key", "value", "dense"],
+                                                       selection="magnitude", grad_drop=0.5))
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+            loss = model_output(model, tiny_inputs("bert")).float().pow(2).mean()
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}  # not the unused pooler
+
+    features_major = grads(recording_rows)
+    assert sum(strided) == 2, strided  # the key projection of each of the 2 blocks, else this tests nothing
+    plain = grads(lambda t: t.reshape(-1, t.shape[-1]))
+    assert features_major.keys() == plain.keys() and len(plain) == 2 * 6
+    for name, grad in features_major.items():
+        assert torch.equal(grad, plain[name]), name
+
+    k_transposed = torch.randn(2, 15, 4).transpose(1, 2)  # [batch, tokens=4, features=15], features strided
+    rows = real_rows(k_transposed)
+    assert torch.equal(rows, k_transposed.reshape(-1, 15))
+    assert layer_mod._token_major(rows).data_ptr() == rows.data_ptr()  # already features-major: no copy
+
+
 def test_inference_mode_and_no_grad_match_with_two_active_adapters():
     """Two active adapters take the composition path even without gradients: inference_mode's tensors (which
     have no version counter) must run it, with the same output as no_grad."""

@@ -620,7 +620,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
         x, weight, bias, *values = ctx.saved_tensors
         fan = ctx.fan_in_fan_out
         need = ctx.needs_input_grad
-        gy2 = gy.reshape(-1, gy.shape[-1]).to(ctx.dtype)
+        gy2 = _token_rows(gy).to(ctx.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = None
         if need[0]:
@@ -654,6 +654,15 @@ def _compose(weight: torch.Tensor, meta: list, values) -> torch.Tensor:
     for (idx, _, _), v in zip(meta, values, strict=True):
         flat = flat.index_copy(0, idx, effective_entries(flat.index_select(0, idx), v))
     return flat.view_as(weight)
+
+
+def _token_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as [tokens, features]. A gradient whose features are not contiguous (attention's key projection
+    receives one laid out as k^T) is copied features-major: a cheap copy of token runs instead of a strided
+    one, which the SDDMM operand then reuses without transposing and matmul reads as it is."""
+    if t.dim() > 1 and t.stride(-1) != 1:
+        t = t.movedim(-1, 0).reshape(t.shape[-1], -1).t()
+    return t.reshape(-1, t.shape[-1])
 
 
 def _token_major(t: torch.Tensor) -> torch.Tensor:
