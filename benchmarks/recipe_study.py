@@ -35,7 +35,7 @@ SUITES = {  # sized for a 2-core CPU; the validation split is 20% of these train
     "clinc150": ["--dataset", "clinc150", "--train-per-class", "20", "--batch-size", "32"],
 }
 BASE = {"optimizer": "sgd", "lr": 1e-3, "adapt": "every", "steps_per_task": 10, "density": 0.05, "grad_drop": 0.9,
-        "features": "adapted", "drift_anchor": "previous"}
+        "features": "adapted", "drift_anchor": "previous", "ranpac_resynthesis": "full"}
 RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, weight decay 5e-4)
     "sgd-1e-3-every": {},
     "sgd-1e-3-first": {"adapt": "first"},
@@ -54,6 +54,14 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
     # the current per-host features with the reference's cross-task state (spec: overlap decay 0.9, q_f = 1.0)
     "sgd-1e-3-every-default-crosstask": {"features": "simplecil=adapted,ranpac=fuse", "overlap_decay": 0.9,
                                          "frozen_quantile": 1.0},
+    # the current per-host features with a larger budget: more steps, a denser selection, a weaker dropout
+    "sgd-1e-3-every-default-20steps": {"features": "simplecil=adapted,ranpac=fuse", "steps_per_task": 20},
+    "sgd-1e-3-every-default-density0.10": {"features": "simplecil=adapted,ranpac=fuse", "density": 0.10},
+    "sgd-1e-3-every-default-drop0.8": {"features": "simplecil=adapted,ranpac=fuse", "grad_drop": 0.8},
+    # the current per-host features, the backbone adapted on the first task only
+    "sgd-1e-3-first-default": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse"},
+    # RanPAC's old statistics corrected by the change the drift makes to Gaussian draws, not rebuilt from them
+    "sgd-1e-3-every-default-delta": {"features": "simplecil=adapted,ranpac=fuse", "ranpac_resynthesis": "delta"},
 }
 TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
 
@@ -86,7 +94,7 @@ def summarise() -> str:
     """Mean paired gains (host+mist minus the frozen host, validation Avg / Last / forgetting) per suite and
     host, and the worst case over them. The default is the recipe whose worst cell is best, a cell scoring the
     smaller of its Avg and Last gains (issue 9's target: Avg up, Last not lower)."""
-    per = {}  # recipe -> (suite, host) -> list of (dAvg, dLast, dForgetting)
+    per = {}  # recipe -> (suite, host) -> seed -> (dAvg, dLast, dForgetting)
     for path in sorted(OUT.glob("*_*.json")):
         done = json.loads(path.read_text())
         frozen = done["runs"].get("frozen", {}).get("rows", {})
@@ -96,14 +104,14 @@ def summarise() -> str:
             for host in HOSTS:
                 row, base = run["rows"].get(f"{host}+mist"), frozen.get(host)
                 if row and base:
-                    per.setdefault(name, {}).setdefault((done["suite"], host), []).append(
-                        tuple(row[k] - base[k] for k in ("avg_acc", "last_acc", "forgetting")))
+                    per.setdefault(name, {}).setdefault((done["suite"], host), {})[done["seed"]] = \
+                        tuple(row[k] - base[k] for k in ("avg_acc", "last_acc", "forgetting"))
     cells = sorted({c for r in per.values() for c in r})
     lines = ["| recipe | " + " | ".join(f"{s} {h}" for s, h in cells) + " | worst Avg gain | worst min(Avg, Last) |",
              "|---|" + "---:|" * (len(cells) + 2)]
     summary = {}
     for name, by_cell in per.items():
-        means = {c: [statistics.mean(x[i] for x in by_cell[c]) for i in range(3)] for c in by_cell}
+        means = {c: [statistics.mean(x[i] for x in by_cell[c].values()) for i in range(3)] for c in by_cell}
         worst = min(m[0] for m in means.values())
         worst_both = min(min(m[0], m[1]) for m in means.values())
         summary[name] = {"recipe": {**BASE, **RECIPES.get(name, {})}, "worst_avg_gain": worst,
@@ -123,49 +131,71 @@ def summarise() -> str:
     return "\n".join(lines)
 
 
-HOST_SIDE = ("features", "drift_anchor")  # options that change what a host does, not the backbone
+# options a host may take on its own: what it sees, where its drift maps start, when its backbone adapts (hosts
+# with different adapt policies get one backbone trajectory each) and how RanPAC carries its statistics
+HOST_SIDE = ("features", "drift_anchor", "adapt", "ranpac_resynthesis")
 
 
 def host_variant(recipe: dict, host: str) -> str:
-    """What `host` does under `recipe`: its features mode, plus ", anchored" for pre-trained drift anchors."""
-    config = ContinualConfig(features=_per_host_option(recipe["features"]),
+    """What `host` does under `recipe`: its features mode, plus ", anchored" for pre-trained drift anchors and
+    ", first task" when only the first task adapts the backbone, ", delta" for RanPAC's delta re-synthesis."""
+    config = ContinualConfig(features=_per_host_option(recipe["features"]), adapt=_per_host_option(recipe["adapt"]),
                              drift_anchor=_per_host_option(recipe["drift_anchor"]))
     anchored = config.anchor_modes()[host] == "pretrained"
-    return config.feature_modes()[host] + (", anchored" if anchored else "")
+    first = config.adapt_modes()[host] == "first"
+    delta = host == "ranpac" and recipe["ranpac_resynthesis"] == "delta"
+    return config.feature_modes()[host] + (", anchored" if anchored else "") + (", first task" if first else "") \
+        + (", delta" if delta else "")
 
 
 def features_per_host(per: dict, cells: list) -> list[str]:
-    """Hosts do not steer the backbone, so each host may take its own `features` and `drift_anchor` on one
+    """Hosts do not steer the backbone, so each host may take its own host-side options (`HOST_SIDE`) on one
     backbone recipe: for every backbone recipe (a recipe without its host-side options) and host, the variant with
     the best worst min(Avg, Last) cell over the suites, among the variants run on every suite. Worst cells within
     TIE points of the best are a tie (one validation image is 0.5 points of a 200-image split), broken by the mean
-    cell over the suites."""
+    cell over the suites. A host's rows depend only on its own variant and the backbone, so every recipe giving a
+    host the same variant contributes its seeds (a seed measured twice must agree, and is counted once)."""
     suites = sorted({s for s, _ in cells})
-    groups: dict[tuple, dict[str, dict[str, str]]] = {}  # backbone recipe -> host -> variant -> recipe name
+    # backbone recipe -> host -> variant -> suite -> seed -> gains, and the recipe names behind each variant
+    groups: dict[tuple, dict[str, dict[str, dict[str, dict]]]] = {}
+    names: dict[tuple, list[str]] = {}
+    disagree = []
     for name in per:
         recipe = {**BASE, **RECIPES.get(name, {})}
         key = tuple(sorted((k, v) for k, v in recipe.items() if k not in HOST_SIDE))
         for host in HOSTS:
-            groups.setdefault(key, {}).setdefault(host, {}).setdefault(host_variant(recipe, host), name)
+            variant = host_variant(recipe, host)
+            pooled = groups.setdefault(key, {}).setdefault(host, {}).setdefault(variant, {})
+            names.setdefault((key, host, variant), []).append(name)
+            for (suite, h), by_seed in per[name].items():
+                if h != host:
+                    continue
+                for seed, gains in by_seed.items():
+                    known = pooled.setdefault(suite, {}).setdefault(seed, gains)
+                    if any(abs(a - b) > 1e-6 for a, b in zip(known, gains, strict=True)):
+                        disagree.append(f"{host} {variant} {suite} seed {seed}: {name} differs from an earlier recipe")
     variants = sorted({v for g in groups.values() for by in g.values() for v in by}, key=lambda v: (len(v), v))
-    lines = ["Per host, on one backbone recipe: worst min(Avg, Last) of each host-side variant over the suites "
-             "(complete variants only)", "", "| backbone recipe | host | " + " | ".join(variants) + " | choice |",
+    lines = ["Per host, on one backbone recipe: worst min(Avg, Last) gain of each host-side variant over the suites, "
+             "then its worst forgetting difference (complete variants only; seeds pooled over the recipes that give "
+             "the host that variant)", "", "| backbone recipe | host | " + " | ".join(variants) + " | choice |",
              "|---|---|" + "---:|" * (len(variants) + 1)]
-    for by_host in groups.values():
-        for host, named in by_host.items():
-            label = named.get("adapted", next(iter(named.values())))
-            worst, mean = {}, {}
-            for variant, name in named.items():
-                gains = [per[name].get((s, host)) for s in suites]
-                if all(gains):
-                    both = [min(statistics.mean(g[0] for g in x), statistics.mean(g[1] for g in x)) for x in gains]
+    for key, by_host in groups.items():
+        for host, pooled in by_host.items():
+            label = min((n for v in pooled for n in names[(key, host, v)]), key=len)
+            worst, mean, forgetting = {}, {}, {}
+            for variant, by_suite in pooled.items():
+                if all(by_suite.get(s) for s in suites):
+                    cell = {s: [statistics.mean(g[i] for g in by_suite[s].values()) for i in range(3)] for s in suites}
+                    both = [min(c[0], c[1]) for c in cell.values()]
                     worst[variant], mean[variant] = min(both), statistics.mean(both)
+                    forgetting[variant] = max(c[2] for c in cell.values())
             if len(worst) > 1:
                 best = max(worst.values())
                 choice = max((v for v in worst if worst[v] >= best - TIE), key=mean.get)
                 lines.append(f"| {label} | {host} | " + " | ".join(
-                    f"{worst[v]:+.2f}" if v in worst else "-" for v in variants) + f" | {choice} |")
-    return lines
+                    f"{worst[v]:+.2f} / {forgetting[v]:+.2f}" if v in worst else "-" for v in variants)
+                    + f" | {choice} |")
+    return lines + ([""] + [f"Disagreeing duplicate: {d}" for d in disagree] if disagree else [])
 
 
 def main() -> None:

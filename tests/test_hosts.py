@@ -198,6 +198,36 @@ def test_ranpac_identity_drift_keeps_the_head_and_stats_are_exact():
     torch.testing.assert_close(host.means()[1], x[y == 1].mean(0).double())
 
 
+def test_ranpac_delta_resynthesis_keeps_real_statistics_and_tracks_a_non_gaussian_class_closer():
+    """`resynthesis="delta"` adds only the change a drift makes: under the identity map G and Q stay exactly the
+    real ones (the full rebuild replaces them with Gaussian draws), and for skewed (exponential) classes moved by
+    a small known affine map its G and Q are closer to the oracle's (real features refitted after the move).
+    Its Monte Carlo noise grows with the drift: 0.3 instead of 0.1 off the identity puts G 18% from the oracle
+    with 256 draws, against the full rebuild's 15% (measured)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.empty(300, 8).exponential_(1.0, generator=g) * (1 + c) - c for c in range(3)])
+    y = torch.arange(3).repeat_interleave(300)
+    delta, full, oracle = (RanPAC(projection_dim=256, seed=0, resynthesis=mode) for mode in ("delta", "full", "full"))
+    for host in (delta, full):
+        host.fit_task(x, y)
+    real = (delta.gram.clone(), delta.targets.clone())
+    delta.compensate(DriftMap(matrix=None, shift=torch.zeros(8, dtype=torch.float64)))
+    assert torch.equal(delta.gram, real[0]) and torch.equal(delta.targets, real[1])
+
+    matrix = torch.eye(8, dtype=torch.float64) + 0.1 * torch.randn(8, 8, generator=g, dtype=torch.float64)
+    drift = DriftMap(matrix=matrix, shift=0.5 * torch.ones(8, dtype=torch.float64))
+    for host in (delta, full):
+        host.compensate(drift)
+    oracle.fit_task(drift.points(x, 0).float(), y)
+    errors = {name: [float((getattr(h, s) - getattr(oracle, s)).norm() / getattr(oracle, s).norm())
+                     for s in ("gram", "targets")] for name, h in (("delta", delta), ("full", full))}
+    # measured relative errors: G 7.9% vs 14.3%, Q 3.8% vs 8.3%
+    assert errors["delta"][0] < errors["full"][0] / 1.5 and errors["delta"][1] < errors["full"][1] / 1.5, errors
+    torch.testing.assert_close(delta.means()[1], full.means()[1])  # the moments move the same way
+    with pytest.raises(ValueError, match="resynthesis='gaussian'"):
+        RanPAC(resynthesis="gaussian")
+
+
 @pytest.mark.parametrize("make_host", [SimpleCIL, lambda: RanPAC(projection_dim=128, seed=3)])
 def test_fused_host_sums_two_hosts_and_compensates_only_the_adapted_half(make_host):
     """[pre-trained || adapted] rows: the pre-trained host is exactly a host fitted on the first half, and a drift

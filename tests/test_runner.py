@@ -154,3 +154,41 @@ def test_cli_features_flag_reaches_the_config():
                                                                           "ranpac": "previous"}
     assert parse("--drift-anchor", "ranpac=pretrained").anchor_modes() == {"simplecil": "previous",
                                                                            "ranpac": "pretrained"}
+
+
+def test_per_host_adapt_policies_run_one_trajectory_each_with_the_single_policy_rows(mnist_tasks, monkeypatch):
+    """`adapt={"simplecil": "first", "ranpac": "every"}` gives each host exactly the rows of a run with its policy
+    alone (one backbone trajectory per policy), and run_method refuses hosts with different policies."""
+    calls = []
+
+    def make_backbone():
+        calls.append(1)
+        return assets.load_vit(28)
+
+    monkeypatch.setattr(runner, "_make_host", lambda host, config: SimpleCIL() if host == "simplecil" else
+                        RanPAC(projection_dim=64, seed=config.seed))
+
+    def run(adapt, hosts=("simplecil", "ranpac")):
+        config = ContinualConfig(hosts=hosts, methods=("frozen", "mist"), steps_per_task=2, batch_size=8, lr=1e-2,
+                                 adapt=adapt, seed=0)
+        return run_continual(make_backbone, mnist_tasks, image_collate(28), config)["methods"]
+
+    mixed = run({"simplecil": "first", "ranpac": "every"})
+    assert len(calls) == 3  # frozen, then one MIST trajectory per policy
+    first, every = run("first", ("simplecil",)), run("every", ("ranpac",))
+    for name, alone in (("simplecil+mist", first), ("ranpac+mist", every)):
+        assert mixed[name]["acc_matrix"] == alone[name]["acc_matrix"], name
+        assert mixed[name]["changed_fraction"] == alone[name]["changed_fraction"], name
+    assert (mixed["simplecil+mist"]["adapt"], mixed["ranpac+mist"]["adapt"], mixed["ranpac"]["adapt"]) == \
+        ("first", "every", "none")
+    assert mixed["simplecil+mist"]["changed_fraction"] < mixed["ranpac+mist"]["changed_fraction"]
+
+    with pytest.raises(ValueError, match="different adapt policies"):
+        runner.run_method("mist", make_backbone, mnist_tasks, image_collate(28),
+                          ContinualConfig(hosts=("simplecil", "ranpac"), adapt={"simplecil": "first"}))
+    with pytest.raises(ValueError, match="adapt='sometimes'.*every"):
+        ContinualConfig(adapt="sometimes")
+    from mist_peft.cli import build_parser, make_config
+
+    assert make_config(build_parser().parse_args(["continual", "--adapt", "simplecil=first"])).adapt_modes() == \
+        {"simplecil": "first", "ranpac": "every"}

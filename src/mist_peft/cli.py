@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "task has at least 2 classes; an explicit value may give 1-class tasks)")
     p.add_argument("--seed", type=int, default=1993, help="class order seed (and torch seed)")
     p.add_argument("--output-dir", default="outputs/continual")
-    p.add_argument("--adapt", choices=("every", "first"), default="every", help="run MIST before every or the first task")
+    p.add_argument("--adapt", default="every",
+                   help="run MIST before every task or the first only, for every host or per host (e.g. "
+                        "simplecil=first,ranpac=every: one backbone trajectory per policy)")
     p.add_argument("--steps-per-task", type=int, default=10)
     p.add_argument("--score-batches", type=int, default=0,
                    help="cap on MI-Fisher scoring batches (0: one full pass over the task's train data)")
@@ -130,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. simplecil=adapted,ranpac=fuse): its features; the pre-trained backbone's features "
                         "followed by them (concat, APER's [PTM || adapted]); or one host on each and their scores "
                         "summed (fuse). The pre-trained features never drift. Default: chosen on validation splits")
+    p.add_argument("--ranpac-resynthesis", choices=("full", "delta"), default="full",
+                   help="how RanPAC carries old classes' G and Q through a drift map: rebuild them from Gaussian "
+                        "draws of the mapped moments (full), or keep them and add the change the map makes to the "
+                        "same draws (delta; chained maps only)")
     p.add_argument("--diagnostics", action="store_true",
                    help="also report the other drift compensations (rows host+method@mode) and the oracle "
                         "(statistics recomputed with the final backbone; not exemplar-free, a ceiling)")
@@ -164,12 +170,14 @@ def _per_host_option(text: str) -> str | dict[str, str]:
 
 def make_config(args: argparse.Namespace) -> ContinualConfig:
     return ContinualConfig(
-        hosts=tuple(args.host.split(",")), methods=tuple(args.methods.split(",")), adapt=args.adapt,
+        hosts=tuple(args.host.split(",")), methods=tuple(args.methods.split(",")),
+        adapt=_per_host_option(args.adapt),
         steps_per_task=args.steps_per_task, score_batches=args.score_batches or None, batch_size=args.batch_size,
         density=args.density, grad_drop=args.grad_drop, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, pooling=args.pooling,
         projection_dim=args.projection_dim, drift_compensation=_per_host_option(args.drift_compensation),
         features=_per_host_option(args.features), drift_anchor=_per_host_option(args.drift_anchor),
+        ranpac_resynthesis=args.ranpac_resynthesis,
         diagnostics=args.diagnostics, overlap_decay=args.overlap_decay, frozen_quantile=args.frozen_quantile,
         tune_biases_and_norms=args.tune_biases_and_norms, seed=args.seed)
 

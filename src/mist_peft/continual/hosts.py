@@ -31,6 +31,7 @@ RIDGE_GRID: tuple[float, ...] = tuple(10.0**k for k in range(-8, 9))
 """Candidate ridge penalties 10^-8 .. 10^8, as in RanPAC."""
 
 DRIFT_MODES: tuple[str, ...] = ("none", "linear", "sdc")
+RESYNTHESIS: tuple[str, ...] = ("full", "delta")  # how RanPAC.compensate rebuilds old classes' G and Q
 """Drift compensation of old-class statistics: none (the reference), an affine map, or SDC translations."""
 
 SHRINK_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, float("inf"))
@@ -251,11 +252,20 @@ class RanPAC:
     semi-definite. The current task always enters exactly. After a re-synthesis the ridge is validated with the
     old statistics in the system: chosen on the current task alone it came out tiny on adapted features and the
     solve amplified the synthetic classes' noise (measured: the head collapsed).
+
+    ``resynthesis="delta"`` keeps the shares in G and Q and adds only what the drift changes: per class, the same
+    Gaussian draws before and after the map (``drift.points``), pushed through the projection, and the difference
+    of their statistics. A class whose features do not move keeps its real statistics exactly, and the Gaussian
+    shape enters only through the change (a control variate). It needs the moments and the map in one space, so
+    anchored compensations (``anchored=True``) always rebuild in full.
     """
 
     def __init__(
-        self, projection_dim: int = 10000, seed: int = 0, ridges: Sequence[float] = RIDGE_GRID
+        self, projection_dim: int = 10000, seed: int = 0, ridges: Sequence[float] = RIDGE_GRID,
+        resynthesis: str = "full",
     ) -> None:
+        if resynthesis not in RESYNTHESIS:
+            raise ValueError(f"resynthesis={resynthesis!r} is invalid: use one of {list(RESYNTHESIS)}.")
         if projection_dim < 1:
             raise ValueError(f"projection_dim must be positive, got {projection_dim}.")
         if not ridges or min(ridges) <= 0:
@@ -263,6 +273,7 @@ class RanPAC:
         self.projection_dim = int(projection_dim)
         self.seed = int(seed)
         self.ridges = tuple(float(r) for r in ridges)
+        self.resynthesis = resynthesis
         self.ridge: float | None = None  # penalty chosen at the last fit_task
         self.w_rand: torch.Tensor | None = None  # [H, M] float32
         self.gram: torch.Tensor | None = None  # G [M, M] float64
@@ -377,17 +388,24 @@ class RanPAC:
             return
         moments = self._moments(anchored)
         generator = torch.Generator().manual_seed(self.seed + 7919 * (self.num_tasks + 1))
-        gram, targets = torch.zeros_like(self.gram), torch.zeros_like(self.targets)
+        delta = self.resynthesis == "delta" and not anchored
+        gram, targets = (self.gram.clone(), self.targets.clone()) if delta else \
+            (torch.zeros_like(self.gram), torch.zeros_like(self.targets))
         for c, (n, total, second) in list(moments.items()):
             mean = total / n
             cov = second.double() / n - torch.outer(mean, mean)
             new_mean, new_cov = drift.points(mean[None], c)[0], drift.covariance(cov)
-            values, vectors = torch.linalg.eigh((new_cov + new_cov.T) / 2)
-            factor = vectors * values.clamp_min(0).sqrt()
-            draws = new_mean + torch.randn(samples, mean.shape[0], generator=generator, dtype=torch.float64) @ factor.T
-            projected = torch.relu(draws.float() @ self.w_rand)
-            gram += (n / samples) * (projected.T @ projected).double()
-            targets[:, c] += (n / samples) * projected.sum(0).double()
+            source = cov if delta else new_cov  # delta: draws of the stored moments, then moved by the map
+            values, vectors = torch.linalg.eigh((source + source.T) / 2)
+            noise = torch.randn(samples, mean.shape[0], generator=generator, dtype=torch.float64)
+            noise = noise @ (vectors * values.clamp_min(0).sqrt()).T
+            projected = torch.relu((drift.points(mean + noise, c) if delta else new_mean + noise).float() @ self.w_rand)
+            share, column = (projected.T @ projected).double(), projected.sum(0).double()
+            if delta:  # minus the same draws before the map: zero where nothing moves
+                before = torch.relu((mean + noise).float() @ self.w_rand)
+                share, column = share - (before.T @ before).double(), column - before.sum(0).double()
+            gram += (n / samples) * share
+            targets[:, c] += (n / samples) * column
             self.class_stats[c] = (n, n * new_mean, (n * (new_cov + torch.outer(new_mean, new_mean))).float())
         self.gram, self.targets = gram, targets
         self._synthetic = True

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -27,13 +27,14 @@ from ..config import MISTConfig
 from ..encoders import FeatureEncoder, extract_features
 from ..scoring import CrossTaskState
 from ..training import MISTTrainingConfig, default_accelerator, train_mist
-from .hosts import DRIFT_MODES, FusedHost, RanPAC, SimpleCIL, fit_drift
+from .hosts import DRIFT_MODES, RESYNTHESIS, FusedHost, RanPAC, SimpleCIL, fit_drift
 from .metrics import continual_metrics
 from .scenarios import Task
 
 METHODS = ("frozen", "mist", "lora", "full", "mist-random", "mist-magnitude", "mist-ce", "mist-nodrop")
 HOSTS = ("simplecil", "ranpac")
 FEATURES = ("adapted", "concat", "fuse")
+ADAPT = ("every", "first")
 DRIFT_ANCHORS = ("previous", "pretrained")
 
 
@@ -54,7 +55,9 @@ class ContinualConfig:
     `features` is what an adapted method's hosts see, for every host or per host like `drift_compensation`:
     the adapted backbone's features; those concatenated after the pre-trained backbone's (`concat`); or two
     hosts, one per half, whose scores are summed (`fuse`). The pre-trained features of each split are computed
-    once per run and shared with the frozen method. `drift_anchor` (per host like `drift_compensation`): fit each
+    once per run and shared with the frozen method. `adapt` (per host like `drift_compensation`): run MIST before
+    every task or the first only; hosts with different policies get one backbone trajectory each (the first
+    task's adaptation is the same in both). `drift_anchor` (per host like `drift_compensation`): fit each
     drift map from the previous backbone's features and chain them (`previous`), or from the pre-trained
     backbone's features to the current ones, applied to class statistics kept in pre-trained space
     (`pretrained`: one map, nothing chained).
@@ -62,7 +65,7 @@ class ContinualConfig:
 
     hosts: Sequence[str] = ("simplecil",)
     methods: Sequence[str] = ("frozen", "mist")
-    adapt: str = "every"  # "every" task (reference) or "first" task only
+    adapt: str | Mapping[str, str] = "every"  # "every" task (reference) or "first" task only, or per host
     steps_per_task: int = 20
     score_batches: int | None = None  # None: one full pass over the task's train data (spec §3.4)
     batch_size: int = 32
@@ -82,6 +85,7 @@ class ContinualConfig:
     features: str | Mapping[str, str] = field(default_factory=lambda: {"simplecil": "adapted", "ranpac": "fuse"})
     drift_anchor: str | Mapping[str, str] = "previous"
     drift_samples: int = 256
+    ranpac_resynthesis: str = "full"  # RanPAC.compensate: rebuild old classes' G and Q ("full") or add the change
     diagnostics: bool = False
     overlap_decay: float | None = None
     frozen_quantile: float | None = None
@@ -95,18 +99,23 @@ class ContinualConfig:
             if bad or not getattr(self, name):
                 raise ValueError(f"ContinualConfig.{name}={list(getattr(self, name))!r} is invalid: choose from "
                                  f"{list(allowed)}.")
-        for name, modes, allowed in (("features", self.feature_modes(), FEATURES),
+        for name, modes, allowed in (("adapt", self.adapt_modes(), ADAPT), ("features", self.feature_modes(), FEATURES),
                                      ("drift_compensation", self.compensation_modes(), DRIFT_MODES),
                                      ("drift_anchor", self.anchor_modes(), DRIFT_ANCHORS)):
             if any(m not in allowed for m in modes.values()) or set(modes) - set(HOSTS):
                 raise ValueError(f"ContinualConfig.{name}={getattr(self, name)!r} is invalid: use one of "
                                  f"{list(allowed)}, or a mapping from hosts {list(HOSTS)} to one.")
-        if self.adapt not in ("every", "first"):
-            raise ValueError(f"ContinualConfig.adapt={self.adapt!r} is invalid: use 'every' or 'first'.")
         if self.score_batches is not None and self.score_batches < 1:
             raise ValueError(f"ContinualConfig.score_batches={self.score_batches!r} is invalid: use None (one full "
                              "pass over the task) or a positive cap.")
+        if self.ranpac_resynthesis not in RESYNTHESIS:
+            raise ValueError(f"ContinualConfig.ranpac_resynthesis={self.ranpac_resynthesis!r} is invalid: use one "
+                             f"of {list(RESYNTHESIS)}.")
         CrossTaskState(frozen_quantile=self.frozen_quantile, overlap_decay=self.overlap_decay)  # validates
+
+    def adapt_modes(self) -> dict[str, str]:
+        """When every host's backbone is adapted (`ADAPT`)."""
+        return _per_host(self.adapt, "every")
 
     def compensation_modes(self) -> dict[str, str]:
         """Drift compensation mode of every host."""
@@ -129,7 +138,8 @@ def _per_host(option: str | Mapping[str, str], unnamed: str) -> dict[str, str]:
 
 
 def _make_host(host: str, config: ContinualConfig):
-    return SimpleCIL() if host == "simplecil" else RanPAC(projection_dim=config.projection_dim, seed=config.seed)
+    return SimpleCIL() if host == "simplecil" else RanPAC(projection_dim=config.projection_dim, seed=config.seed,
+                                                          resynthesis=config.ranpac_resynthesis)
 
 
 def _host_for(host: str, config: ContinualConfig, method: str):
@@ -217,6 +227,11 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
     Before each adaptation the current task's train features are taken with the old backbone; after it, with
     the new one, in the same order and with the evaluation transform, so the pairs fit the drift map.
     """
+    adapt_modes = {config.adapt_modes()[h] for h in config.hosts}
+    if len(adapt_modes) > 1:
+        raise ValueError(f"run_method got hosts {list(config.hosts)} with different adapt policies "
+                         f"{config.adapt!r}: run them separately (run_continual does).")
+    adapt = adapt_modes.pop()
     accelerator = accelerator or default_accelerator()
     torch.manual_seed(config.seed)
     start = time.perf_counter()
@@ -258,11 +273,11 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
         return _accuracies(host, [(host_input(name, x, seen, "test"), y) for seen, (x, y) in tests])
 
     # (host, mode) -> whether its statistics are kept in pre-trained space and mapped from there
-    anchored = {(h, m): m != "none" and method != "frozen" and config.adapt == "every"
+    anchored = {(h, m): m != "none" and method != "frozen" and adapt == "every"
                 and config.anchor_modes()[h] == "pretrained" for h, m in variants}
 
     for task in tasks:
-        adapt_now = method != "frozen" and (config.adapt == "every" or task.index == 0)
+        adapt_now = method != "frozen" and (adapt == "every" or task.index == 0)
         compensate_now = adapt_now and task.index > 0
         before = None
         if adapt_now:
@@ -327,7 +342,8 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
                "drift_compensation": mode if method != "frozen" else "none",
                "drift_anchor": "pretrained" if anchored[(name, mode)] else
                "previous" if method != "frozen" and mode != "none" else "none",
-               "features": feature_modes[name] if method != "frozen" else "pre-trained"}
+               "features": feature_modes[name] if method != "frozen" else "pre-trained",
+               "adapt": adapt if method != "frozen" else "none"}
         if choices[(name, mode)]:
             row["drift_choices"] = choices[(name, mode)]
         if mode == modes[name]:
@@ -341,10 +357,16 @@ def run_method(method: str, make_backbone: Callable[[], nn.Module], tasks: Seque
 
 def run_continual(make_backbone: Callable[[], nn.Module], tasks: Sequence[Task], collate: Callable,
                   config: ContinualConfig, accelerator=None) -> dict[str, Any]:
-    """Every method of `config`, each from a fresh pre-trained backbone; returns the results.json shape."""
+    """Every method of `config`, each from a fresh pre-trained backbone (one per adapt policy among the hosts);
+    returns the results.json shape."""
     results: dict[str, Any] = {}
     accelerator = accelerator or default_accelerator()
     frozen_features = FrozenFeatures(make_backbone, collate, config, accelerator.device)
     for method in config.methods:
-        results.update(run_method(method, make_backbone, tasks, collate, config, accelerator, frozen_features))
+        policies = {"every": config.hosts} if method == "frozen" else {
+            mode: tuple(h for h in config.hosts if config.adapt_modes()[h] == mode)
+            for mode in dict.fromkeys(config.adapt_modes()[h] for h in config.hosts)}
+        for mode, hosts in policies.items():
+            part = replace(config, hosts=hosts, adapt=mode)
+            results.update(run_method(method, make_backbone, tasks, collate, part, accelerator, frozen_features))
     return {"config": asdict(config), "methods": results}
