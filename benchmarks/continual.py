@@ -10,8 +10,9 @@ recomputed with the current backbone: not exemplar-free, a diagnostic) and the p
         --output-dir benchmarks/results/ablations   # ablations
 
 Every seed runs the CLI's recipe with --diagnostics (rows host+mist@none / @sdc share the backbone of
-host+mist, so their differences are drift compensation alone), and once more with --adapt first
-(rows host+mist[first]). Suites are sized for a 2-core CPU (see SUITES).
+host+mist, so their differences are drift compensation alone), and once more with each host's other adapt policy
+(rows host+mist[first] for a host that adapts before every task, host+mist[every] for one that adapts before the
+first only). Suites are sized for a 2-core CPU (see SUITES).
 """
 
 from __future__ import annotations
@@ -95,11 +96,16 @@ def run_seed(args, seed: str, out: Path) -> dict:
         [*base, "--methods", args.methods, *diagnostics, "--output-dir", str(out / f"seed{seed}")]))
     if args.no_first:
         return every
+    other = {h: "first" if m == "every" else "every" for h, m in make_config(build_parser().parse_args(
+        [*base, "--output-dir", "unused"])).adapt_modes().items()}
+    single = set(other.values()).pop() if len(set(other.values())) == 1 else None
+    folder = single or "other-adapt"
     first_args = build_parser().parse_args(
-        [*base, "--methods", "mist", "--adapt", "first", "--output-dir", str(out / f"seed{seed}-first")])
-    first = reusable_first(first_args) if args.reuse_first else None
+        [*base, "--methods", "mist", "--adapt", single or ",".join(f"{h}={m}" for h, m in other.items()),
+         "--output-dir", str(out / f"seed{seed}-{folder}")])
+    first = reusable_first(first_args) if args.reuse_first and folder == "first" else None
     first = first or continual(first_args)
-    every["methods"].update({f"{n}[first]": r for n, r in first["methods"].items()})
+    every["methods"].update({f"{n}[{other[n.split('+')[0]]}]": r for n, r in first["methods"].items()})
     return every
 
 
@@ -126,7 +132,7 @@ def main() -> None:
     p.add_argument("--seeds", default="1993,1994,1995")
     p.add_argument("--methods", default="frozen,mist")
     p.add_argument("--host", default="simplecil,ranpac")
-    p.add_argument("--no-first", action="store_true", help="skip the --adapt first runs")
+    p.add_argument("--no-first", action="store_true", help="skip the runs with each host's other adapt policy")
     p.add_argument("--no-diagnostics", action="store_true",
                    help="skip the other compensations and the oracle (for ablations of the backbone method)")
     p.add_argument("--reuse-first", action="store_true",

@@ -192,3 +192,17 @@ def test_per_host_adapt_policies_run_one_trajectory_each_with_the_single_policy_
 
     assert make_config(build_parser().parse_args(["continual", "--adapt", "simplecil=first"])).adapt_modes() == \
         {"simplecil": "first", "ranpac": "every"}
+
+
+def test_one_hosts_features_do_not_change_another_hosts_rows(mnist_tasks, monkeypatch):
+    """Without a frozen method the pre-trained backbone is built mid-run for a fused RanPAC; that must not advance
+    the adapted run's global RNG (it did: the MI head of task 1 was drawn differently and SimpleCIL's row moved)."""
+    monkeypatch.setattr(runner, "_make_host", lambda host, config: SimpleCIL() if host == "simplecil" else
+                        RanPAC(projection_dim=64, seed=config.seed))
+    rows = []
+    for features in ("adapted", {"ranpac": "fuse"}):
+        config = ContinualConfig(hosts=("simplecil", "ranpac"), methods=("mist",), steps_per_task=2, batch_size=8,
+                                 lr=1e-2, features=features, seed=0)
+        rows.append(run_continual(lambda: assets.load_vit(28), mnist_tasks, image_collate(28), config)["methods"])
+    assert rows[0]["simplecil+mist"]["acc_matrix"] == rows[1]["simplecil+mist"]["acc_matrix"]
+    assert [r["ranpac+mist"]["features"] for r in rows] == ["adapted", "fuse"]  # the option did reach RanPAC

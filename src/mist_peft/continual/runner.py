@@ -206,12 +206,17 @@ class FrozenFeatures:
         """(features, labels) of `task`'s `split`; `backbone` may pass a pre-trained model already in memory."""
         key = (task.index, split)
         if key not in self.cache:
-            if backbone is None:
-                self.backbone = self.backbone or self.make_backbone().eval().to(self.device)
-                backbone = self.backbone
-            loader = DataLoader(getattr(task, split), batch_size=self.config.eval_batch_size, collate_fn=self.collate)
-            self.cache[key] = extract_features(FeatureEncoder(backbone, self.config.pooling), loader,
-                                               desc=f"pre-trained task {task.index} {split} features")
+            # Without a frozen method this runs mid-run, for hosts that need pre-trained features. Building the
+            # backbone (initial weights) and iterating a DataLoader (its base seed) draw from the global RNG, which
+            # must not move the adapted run's draws: one host's options would change another host's rows.
+            with torch.random.fork_rng(devices=[]):
+                if backbone is None:
+                    self.backbone = self.backbone or self.make_backbone().eval().to(self.device)
+                    backbone = self.backbone
+                loader = DataLoader(getattr(task, split), batch_size=self.config.eval_batch_size,
+                                    collate_fn=self.collate)
+                self.cache[key] = extract_features(FeatureEncoder(backbone, self.config.pooling), loader,
+                                                   desc=f"pre-trained task {task.index} {split} features")
         return self.cache[key]
 
 
