@@ -42,7 +42,7 @@ def test_concat_features_keep_an_exact_frozen_half_and_apply_per_host(mnist_task
     hosts = {"simplecil": recording(SimpleCIL, log), "ranpac": recording(RanPAC, log)}
     monkeypatch.setattr(runner, "_make_host", lambda host, config: hosts[host]() if host == "simplecil" else
                         hosts[host](projection_dim=64, seed=config.seed))
-    config = ContinualConfig(hosts=("simplecil", "ranpac"), methods=("frozen", "mist"), steps_per_task=2,
+    config = ContinualConfig(adapt="every", hosts=("simplecil", "ranpac"), methods=("frozen", "mist"), steps_per_task=2,
                              features={"ranpac": "concat"}, batch_size=8, lr=1e-2, drift_compensation="none", seed=0)
     results = run_continual(make_backbone, mnist_tasks, image_collate(28), config)["methods"]
     assert len(calls) == 2  # the frozen method's backbone also serves the pre-trained half of "concat"
@@ -87,7 +87,7 @@ def test_fuse_keeps_an_exact_pretrained_ranpac_beside_the_compensated_adapted_on
         return made[-1]
 
     monkeypatch.setattr(runner, "_make_host", make_host)
-    config = ContinualConfig(hosts=("ranpac",), methods=("frozen", "mist"), features="fuse", steps_per_task=2,
+    config = ContinualConfig(adapt="every", hosts=("ranpac",), methods=("frozen", "mist"), features="fuse", steps_per_task=2,
                              batch_size=8, lr=1e-2, drift_compensation="linear", seed=0)
     results = run_continual(lambda: assets.load_vit(28), mnist_tasks, image_collate(28), config)["methods"]
     frozen, pretrained, adapted = made
@@ -113,7 +113,7 @@ def test_pretrained_anchor_keeps_old_statistics_in_pretrained_space(mnist_tasks,
     extract_features = runner.extract_features
     monkeypatch.setattr(runner, "_make_host", make_host)
     monkeypatch.setattr(runner, "extract_features", extract)
-    config = ContinualConfig(hosts=("simplecil", "ranpac"), methods=("frozen", "mist"), steps_per_task=2,
+    config = ContinualConfig(adapt="every", hosts=("simplecil", "ranpac"), methods=("frozen", "mist"), steps_per_task=2,
                              batch_size=8, lr=1e-2, drift_anchor="pretrained", seed=0)
     results = run_continual(lambda: assets.load_vit(28), mnist_tasks, image_collate(28), config)["methods"]
     frozen_sc, frozen_rp, sc, rp_pretrained, rp_adapted = made
@@ -201,7 +201,7 @@ def test_one_hosts_features_do_not_change_another_hosts_rows(mnist_tasks, monkey
                         RanPAC(projection_dim=64, seed=config.seed))
     rows = []
     for features in ("adapted", {"ranpac": "fuse"}):
-        config = ContinualConfig(hosts=("simplecil", "ranpac"), methods=("mist",), steps_per_task=2, batch_size=8,
+        config = ContinualConfig(adapt="every", hosts=("simplecil", "ranpac"), methods=("mist",), steps_per_task=2, batch_size=8,
                                  lr=1e-2, features=features, seed=0)
         rows.append(run_continual(lambda: assets.load_vit(28), mnist_tasks, image_collate(28), config)["methods"])
     assert rows[0]["simplecil+mist"]["acc_matrix"] == rows[1]["simplecil+mist"]["acc_matrix"]

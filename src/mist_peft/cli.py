@@ -104,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "task has at least 2 classes; an explicit value may give 1-class tasks)")
     p.add_argument("--seed", type=int, default=1993, help="class order seed (and torch seed)")
     p.add_argument("--output-dir", default="outputs/continual")
-    p.add_argument("--adapt", default="every",
-                   help="run MIST before every task or the first only, for every host or per host (e.g. "
-                        "simplecil=first,ranpac=every: one backbone trajectory per policy)")
+    p.add_argument("--adapt", default="simplecil=every,ranpac=first",
+                   help="run MIST before every task or the first only, for every host or per host (one backbone "
+                        "trajectory per policy). Default: chosen per host on validation splits")
     p.add_argument("--steps-per-task", type=int, default=10)
     p.add_argument("--score-batches", type=int, default=0,
                    help="cap on MI-Fisher scoring batches (0: one full pass over the task's train data)")
@@ -212,6 +212,7 @@ def validation_split(data: datasets.DatasetDict, fraction: float, seed: int) -> 
 
 
 RECIPES = (  # the candidates --select-on-validation compares (the first is the default)
+    {"optimizer": "sgd", "lr": 1e-3, "adapt": "simplecil=every,ranpac=first"},
     {"optimizer": "sgd", "lr": 1e-3, "adapt": "every"},
     {"optimizer": "sgd", "lr": 3e-3, "adapt": "every"},
     {"optimizer": "sgd", "lr": 1e-3, "adapt": "first"},
@@ -253,7 +254,7 @@ def continual(args: argparse.Namespace) -> dict:
     tasks = make_tasks(data, args)
     print(f"{len(tasks)} tasks on {args.dataset} ({kind}): {[t.classes for t in tasks]}; model: {model_name}; "
           f"methods: {args.methods}; recipe: {config.optimizer} lr {config.lr}, {config.steps_per_task} steps, "
-          f"adapt {config.adapt}")
+          "adapt " + ", ".join(f"{h}: {m}" for h, m in config.adapt_modes().items() if h in config.hosts))
     results = run_continual(make_backbone, tasks, collate, config)
     results["config"].update(model=model_name, dataset=args.dataset, tasks=[t.classes for t in tasks],
                              task_test_rows=[len(t.test) for t in tasks], train_rows=len(data["train"]))
