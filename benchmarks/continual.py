@@ -56,9 +56,10 @@ def summarise(per_seed: list[dict]) -> dict[str, dict]:
             frozen = [r["methods"][host] for r in per_seed]
             entry["paired"] = {k: [a[k] - f[k] for a, f in zip(rows, frozen, strict=True)]
                                for k in ("avg_acc", "last_acc", "forgetting")}
-        if "oracle" in rows[0]:
+        if all("oracle" in r for r in rows):
             entry["oracle_avg_acc"], _ = mean_std([r["oracle"]["avg_acc"] for r in rows])
             entry["oracle_last_acc"], _ = mean_std([r["oracle"]["last_acc"] for r in rows])
+        if all("oracle" in r for r in rows) and all(f"{name}@none" in r["methods"] for r in per_seed):
             stale = [r["methods"][f"{name}@none"]["last_acc"] for r in per_seed]
             gap = [o["oracle"]["last_acc"] - s for o, s in zip(rows, stale, strict=True)]
             closed = [r["last_acc"] - s for r, s in zip(rows, stale, strict=True)]
