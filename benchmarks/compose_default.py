@@ -35,7 +35,7 @@ def compose(suite: str, seeds: list[str]) -> list[dict]:
                    if name == "ranpac" or name.startswith("simplecil")}  # with SimpleCIL's @none / @sdc rows
         methods["ranpac+mist"] = first["methods"]["ranpac+mist"]
         per_seed.append({"methods": methods, "config": every["config"],
-                         "sources": {"simplecil+mist": str(folder.name + f"/seed{seed}"),
+                         "sources": {"simplecil+mist": f"{folder.name}/seed{seed}",
                                      "ranpac+mist": str(first_path.parent.relative_to(RESULTS))}})
     return per_seed
 

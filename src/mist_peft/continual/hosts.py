@@ -31,8 +31,10 @@ RIDGE_GRID: tuple[float, ...] = tuple(10.0**k for k in range(-8, 9))
 """Candidate ridge penalties 10^-8 .. 10^8, as in RanPAC."""
 
 DRIFT_MODES: tuple[str, ...] = ("none", "linear", "sdc")
-RESYNTHESIS: tuple[str, ...] = ("full", "delta")  # how RanPAC.compensate rebuilds old classes' G and Q
 """Drift compensation of old-class statistics: none (the reference), an affine map, or SDC translations."""
+
+RESYNTHESIS: tuple[str, ...] = ("full", "delta")
+"""How RanPAC.compensate carries old classes' G and Q: rebuilt from Gaussian draws, or corrected by the change."""
 
 SHRINK_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, float("inf"))
 """Ridge strengths of the affine map, relative to the mean eigenvalue of the centred feature Gram; ``inf``
