@@ -6,7 +6,9 @@ the train data of each data set, scored by the paired gain of host+mist over the
 
 Each (suite, seed) writes benchmarks/results/recipe_study/<suite>_<seed>.json as it goes (a rerun skips the recipes
 already measured); `--summarise` merges every file there into summary.json / summary.md. The test split is never
-read: the CLI's own `validation_split` (20% of every class of the train data) stands in for it.
+read: the CLI's own `validation_split` (20% of every class of the train data) stands in for it. With
+`--val-per-class N` the validation split is instead N rows per class of the train split that the run does not
+train on (all of `--train-per-class` trains), and the files go to recipe_study/val<N>/.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+
+import datasets
+import numpy as np
 
 from mist_peft.cli import (
     _per_host_option,
@@ -60,20 +65,39 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
     "sgd-1e-3-every-default-drop0.8": {"features": "simplecil=adapted,ranpac=fuse", "grad_drop": 0.8},
     # the current per-host features, the backbone adapted on the first task only
     "sgd-1e-3-first-default": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse"},
+    "sgd-1e-3-every-default": {"features": "simplecil=adapted,ranpac=fuse"},
     # RanPAC's old statistics corrected by the change the drift makes to Gaussian draws, not rebuilt from them
     "sgd-1e-3-every-default-delta": {"features": "simplecil=adapted,ranpac=fuse", "ranpac_resynthesis": "delta"},
 }
 TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
 
 
-def run_suite(suite: str, seed: int, recipes: list[str], data_dir: str | None) -> Path:
+def held_out_validation(train: datasets.Dataset, per_class: int, val_per_class: int, seed: int
+                        ) -> datasets.DatasetDict:
+    """The run's train rows (the CLI's `_subsample` of `per_class` rows, the same rows) and `val_per_class` other
+    rows of every class of the train split as validation, so validating takes nothing from training."""
+    labels = np.asarray(train["label"])
+    rng = np.random.default_rng(seed)
+    perms = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    if any(len(p) < per_class + val_per_class for p in perms):
+        raise ValueError(f"a class has fewer than {per_class} + {val_per_class} train rows; lower --val-per-class")
+    return datasets.DatasetDict({"train": train.select(sorted(i for p in perms for i in p[:per_class])),
+                                 "test": train.select(sorted(i for p in perms
+                                                             for i in p[per_class:per_class + val_per_class]))})
+
+
+def run_suite(suite: str, seed: int, recipes: list[str], data_dir: str | None, out: Path = OUT,
+              val_per_class: int | None = None) -> Path:
     argv = ["continual", *SUITES[suite], "--seed", str(seed)] + (["--data-dir", data_dir] if data_dir else [])
     args = build_parser().parse_args(argv)
     data, kind = load_data(args)
-    data = validation_split({"train": _subsample(data["train"], args.train_per_class, seed)}, 0.2, seed)
+    if val_per_class:
+        data = held_out_validation(data["train"], args.train_per_class, val_per_class, seed)
+    else:
+        data = validation_split({"train": _subsample(data["train"], args.train_per_class, seed)}, 0.2, seed)
     make_backbone, collate, _ = load_backbone(args, kind)
     tasks = make_tasks(data, args)
-    path = OUT / f"{suite}_{seed}.json"
+    path = out / f"{suite}_{seed}.json"
     done = json.loads(path.read_text()) if path.exists() else {"suite": suite, "seed": seed, "runs": {}}
     for name in ["frozen", *recipes]:
         if name in done["runs"]:
@@ -85,17 +109,17 @@ def run_suite(suite: str, seed: int, recipes: list[str], data_dir: str | None) -
         done["runs"][name] = {"recipe": recipe, "rows": {k: {m: v[m] for m in ("avg_acc", "last_acc", "forgetting")}
                                                          for k, v in methods.items()}}
         print(f"{suite} seed {seed} {name}: " + ", ".join(f"{k} {v['avg_acc']:.2f}" for k, v in methods.items()))
-        OUT.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(done, indent=1))
     return path
 
 
-def summarise() -> str:
+def summarise(out: Path = OUT) -> str:
     """Mean paired gains (host+mist minus the frozen host, validation Avg / Last / forgetting) per suite and
     host, and the worst case over them. The default is the recipe whose worst cell is best, a cell scoring the
     smaller of its Avg and Last gains (issue 9's target: Avg up, Last not lower)."""
     per = {}  # recipe -> (suite, host) -> seed -> (dAvg, dLast, dForgetting)
-    for path in sorted(OUT.glob("*_*.json")):
+    for path in sorted(out.glob("*_*.json")):
         done = json.loads(path.read_text())
         frozen = done["runs"].get("frozen", {}).get("rows", {})
         for name, run in done["runs"].items():
@@ -126,8 +150,8 @@ def summarise() -> str:
               "the seeds run; '-': not run. The default is the recipe, among those run on every suite, with the best worst "
               "min(Avg, Last) gain; a partial recipe's worst case covers only its cells.", ""]
     lines += features_per_host(per, cells)
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=1))
-    (OUT / "summary.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
 
 
@@ -209,14 +233,18 @@ def main() -> None:
     parser.add_argument("--seeds", default="1993", help="comma-separated seeds")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names from RECIPES")
     parser.add_argument("--data-dir", default=None, help="CLINC150 folder for --suite clinc150")
+    parser.add_argument("--val-per-class", type=int, default=None,
+                        help="validate on this many train rows per class outside the run's train rows "
+                             "(results under recipe_study/val<N>/) instead of 20%% of them")
     parser.add_argument("--summarise", action="store_true", help="only merge the result files into a summary")
     args = parser.parse_args()
+    out = OUT / f"val{args.val_per_class}" if args.val_per_class else OUT
     if not args.summarise:
         if args.suite is None:
             parser.error("--suite is required unless --summarise")
         for seed in (int(s) for s in args.seeds.split(",")):
-            run_suite(args.suite, seed, args.recipes.split(","), args.data_dir)
-    print(summarise())
+            run_suite(args.suite, seed, args.recipes.split(","), args.data_dir, out, args.val_per_class)
+    print(summarise(out))
 
 
 if __name__ == "__main__":
