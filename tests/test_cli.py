@@ -120,7 +120,7 @@ def test_default_task_count_keeps_two_classes_per_task(capsys):
 
 
 def test_select_on_validation_reports_the_recipe_it_chose(tmp_path):
-    from mist_peft.cli import RECIPES, _per_host_option
+    from mist_peft.cli import ADAPT_POLICIES, BACKBONE_RECIPES
 
     out = tmp_path / "select"
     code = main(["continual", "--tasks", "2", "--train-per-class", "10", "--test-per-class", "4",
@@ -129,8 +129,53 @@ def test_select_on_validation_reports_the_recipe_it_chose(tmp_path):
     assert code == 0
     config = json.loads((out / "results.json").read_text())["config"]
     trials = config["recipe_selection"]["trials"]
-    assert [{k: t[k] for k in RECIPES[0]} for t in trials] == list(RECIPES)
-    best = max(trials, key=lambda t: t["validation_avg_acc"])
-    assert config["recipe_selection"]["chosen"] == {k: best[k] for k in RECIPES[0]}
-    assert (config["optimizer"], config["lr"], config["adapt"]) == \
-        (best["optimizer"], best["lr"], _per_host_option(best["adapt"]))
+    assert [(t["optimizer"], t["lr"], t["adapt"], t["host"]) for t in trials] == [
+        (b["optimizer"], b["lr"], p, "simplecil") for b in BACKBONE_RECIPES for p in ADAPT_POLICIES]
+    frozen = {round(t["validation_avg_acc"] - t["avg_gain"], 6) for t in trials}
+    assert len(frozen) == 1  # every trial is paired with the same frozen run
+    assert all(t["score"] == min(t["avg_gain"], t["last_gain"]) for t in trials)
+    best = max(trials, key=lambda t: t["score"])  # one host: the best trial wins, ties keep the first
+    assert config["recipe_selection"]["chosen"] == {k: best[k] for k in ("optimizer", "lr", "adapt")}
+    assert (config["optimizer"], config["lr"], config["adapt"]) == (best["optimizer"], best["lr"], best["adapt"])
+
+
+def test_select_recipe_takes_each_hosts_better_policy_and_the_best_backbone_on_average(monkeypatch):
+    """The selection rule on made-up validation rows: the frozen run and every (backbone, policy) run report
+    per-host Avg/Last, and select_recipe must pick per host, then per backbone."""
+    import mist_peft.cli as cli
+
+    frozen = {"simplecil": (50.0, 40.0), "ranpac": (90.0, 85.0)}
+    made_up = {  # (optimizer, lr, policy) -> host -> (Avg, Last)
+        ("sgd", 1e-3, "every"): {"simplecil": (70.0, 60.0), "ranpac": (91.0, 84.0)},  # ranpac Last -1
+        ("sgd", 1e-3, "first"): {"simplecil": (60.0, 55.0), "ranpac": (92.0, 86.0)},  # ranpac +1
+        ("sgd", 3e-3, "every"): {"simplecil": (75.0, 45.0), "ranpac": (80.0, 80.0)},  # simplecil +5
+        ("sgd", 3e-3, "first"): {"simplecil": (75.0, 45.0), "ranpac": (90.0, 85.0)},  # tie: every kept
+        ("adamw", 1e-4, "every"): {"simplecil": (55.0, 45.0), "ranpac": (95.0, 90.0)},  # +5, +5
+        ("adamw", 1e-4, "first"): {"simplecil": (50.0, 40.0), "ranpac": (90.0, 85.0)},
+    }
+
+    def fake_run(make_backbone, tasks, collate, config):
+        if config.methods == ("frozen",):
+            rows = {h: {"avg_acc": a, "last_acc": b} for h, (a, b) in frozen.items()}
+        else:
+            policy = config.adapt_modes()["simplecil"]
+            assert set(config.adapt_modes().values()) == {policy}  # each run is one policy for every host
+            rows = {f"{h}+mist": {"avg_acc": a, "last_acc": b}
+                    for h, (a, b) in made_up[(config.optimizer, config.lr, policy)].items()}
+        return {"methods": rows}
+
+    monkeypatch.setattr(cli, "run_continual", fake_run)
+    monkeypatch.setattr(cli, "make_tasks", lambda data, args: [])
+    monkeypatch.setattr(cli, "validation_split", lambda data, fraction, seed: data)
+    args = cli.build_parser().parse_args(["continual"])
+    chosen, trials = cli.select_recipe({}, args, None, None)
+    # sgd 1e-3: simplecil every (+20), ranpac first (+1) -> 10.5; sgd 3e-3: simplecil's policies tie (+5), ranpac
+    # first (0) -> 2.5; adamw: every for both (+5, +5) -> 5. So sgd 1e-3 with a per-host policy.
+    assert chosen == {"optimizer": "sgd", "lr": 1e-3, "adapt": "simplecil=every,ranpac=first"}
+    assert len(trials) == 12 and {t["score"] for t in trials if t["optimizer"] == "adamw" and t["adapt"] == "every"} \
+        == {5.0}
+    made_up[("sgd", 3e-3, "first")]["ranpac"] = (110.0, 105.0)  # +20 -> 12.5; simplecil's tie keeps every
+    assert cli.select_recipe({}, args, None, None)[0] == {"optimizer": "sgd", "lr": 3e-3,
+                                                          "adapt": "simplecil=every,ranpac=first"}
+    made_up[("adamw", 1e-4, "every")]["simplecil"] = (80.0, 90.0)  # +30, +5 -> 17.5: adamw, every for both
+    assert cli.select_recipe({}, args, None, None)[0] == {"optimizer": "adamw", "lr": 1e-4, "adapt": "every"}
