@@ -66,6 +66,10 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
     # the current per-host features, the backbone adapted on the first task only
     "sgd-1e-3-first-default": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse"},
     "sgd-1e-3-every-default": {"features": "simplecil=adapted,ranpac=fuse"},
+    # the backbone adapted once, with a larger budget for that one adaptation (RanPAC's first-session policy)
+    "sgd-1e-3-first-default-30steps": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse",
+                                       "steps_per_task": 30},
+    "sgd-3e-3-first-default": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse", "lr": 3e-3},
     # RanPAC's old statistics corrected by the change the drift makes to Gaussian draws, not rebuilt from them
     "sgd-1e-3-every-default-delta": {"features": "simplecil=adapted,ranpac=fuse", "ranpac_resynthesis": "delta"},
 }
