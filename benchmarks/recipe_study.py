@@ -19,12 +19,12 @@ import statistics
 from pathlib import Path
 
 import datasets
-import numpy as np
 
 from mist_peft.cli import (
     _per_host_option,
     _subsample,
     build_parser,
+    class_permutations,
     load_backbone,
     load_data,
     make_config,
@@ -78,11 +78,9 @@ TIE = 0.5  # points: worst cells this close count as equal when choosing a host'
 
 def held_out_validation(train: datasets.Dataset, per_class: int, val_per_class: int, seed: int
                         ) -> datasets.DatasetDict:
-    """The run's train rows (the CLI's `_subsample` of `per_class` rows, the same rows) and `val_per_class` other
+    """The run's train rows (the same rows as the CLI's `_subsample` of `per_class`) and `val_per_class` other
     rows of every class of the train split as validation, so validating takes nothing from training."""
-    labels = np.asarray(train["label"])
-    rng = np.random.default_rng(seed)
-    perms = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    perms = class_permutations(train, seed)
     if any(len(p) < per_class + val_per_class for p in perms):
         raise ValueError(f"a class has fewer than {per_class} + {val_per_class} train rows; lower --val-per-class")
     return datasets.DatasetDict({"train": train.select(sorted(i for p in perms for i in p[:per_class])),

@@ -22,16 +22,21 @@ from .continual.scenarios import class_incremental, clinc150_domain_groups
 PACKAGED = ("mnist", "fashion_mnist", "clinc150")
 
 
-def _subsample(ds: datasets.Dataset, per_class: int | None, seed: int) -> datasets.Dataset:
-    """At most `per_class` rows of every class (seeded), to size a run for the machine."""
-    if not per_class:
-        return ds
+def class_permutations(ds: datasets.Dataset, seed: int) -> list:
+    """Every class's row indices in a seeded random order (one generator, classes in sorted order): the prefixes
+    `_subsample` keeps and `validation_split` holds out, so splits drawn from them agree on their rows."""
     import numpy as np
 
     labels = np.asarray(ds["label"])
     rng = np.random.default_rng(seed)
-    keep = [i for c in np.unique(labels) for i in rng.permutation(np.flatnonzero(labels == c))[:per_class]]
-    return ds.select(sorted(keep))
+    return [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+
+
+def _subsample(ds: datasets.Dataset, per_class: int | None, seed: int) -> datasets.Dataset:
+    """At most `per_class` rows of every class (seeded), to size a run for the machine."""
+    if not per_class:
+        return ds
+    return ds.select(sorted(i for rows in class_permutations(ds, seed) for i in rows[:per_class]))
 
 
 def load_data(args: argparse.Namespace) -> tuple[datasets.DatasetDict, str]:
@@ -201,13 +206,9 @@ def make_tasks(data: datasets.DatasetDict, args: argparse.Namespace) -> list:
 
 def validation_split(data: datasets.DatasetDict, fraction: float, seed: int) -> datasets.DatasetDict:
     """Carve a per-class validation split out of the train split; it stands in for "test" while choosing."""
-    import numpy as np
-
-    labels = np.asarray(data["train"]["label"])
-    rng = np.random.default_rng(seed)
-    held = sorted(i for c in np.unique(labels)
-                  for i in rng.permutation(np.flatnonzero(labels == c))[: max(1, round(fraction * (labels == c).sum()))])
-    rest = sorted(set(range(len(labels))) - set(held))
+    held = sorted(i for rows in class_permutations(data["train"], seed)
+                  for i in rows[: max(1, round(fraction * len(rows)))])
+    rest = sorted(set(range(len(data["train"]))) - set(held))
     return datasets.DatasetDict({"train": data["train"].select(rest), "test": data["train"].select(held)})
 
 
