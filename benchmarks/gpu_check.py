@@ -81,7 +81,8 @@ def host_syncs(spec: common.ModelSpec, method: str, args: argparse.Namespace) ->
         common.sync(device)
     except RuntimeError as err:
         return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    # the warning of each synchronising call; not the one-off "debug mode is a prototype feature" notice
+    syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
     out = {"sync_prone_ops": dict(ops.calls)}
     if cuda:
         out.update(count=len(syncs), where=Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs).most_common(8))

@@ -144,7 +144,8 @@ def test_bf16_autocast_training_step_is_strictly_sparse():
     inputs = on_cuda(tiny_inputs("bert"))
     before = {n: m.mist_values["default"].detach().clone() for n, m in layers.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(**inputs).last_hidden_state.float().pow(2).mean()
+        out = model(**inputs)  # the pooler's output too, so that every MIST layer (pooler.dense) gets a gradient
+        loss = out.last_hidden_state.float().pow(2).mean() + out.pooler_output.float().pow(2).mean()
     loss.backward()
     kept = {n: m.kept_positions("default") for n, m in layers.items()}
     assert all(m.mist_values["default"].grad.dtype == torch.float32 for m in layers.values())

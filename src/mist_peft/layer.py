@@ -12,7 +12,8 @@ Life of an adapter on a layer:
   user's own loop (here), or a checkpoint;
 - tuned with gradient dropout drawn per optimizer step (`optim.py`): a fixed-count subset, drawn without a
   host sync. The values' gradient is computed only at the entries kept in that step: a sampled matmul for
-  Linear and Conv1D, a per-token sum for Embedding, a gather of the (small) dense gradient for Conv2d.
+  Linear and Conv1D on CPU (on a GPU the layer's dense gradient, gathered: faster there), a per-token sum for
+  Embedding, a gather of the (small) dense gradient for Conv2d.
 
 Dense deltas (`tune_biases_and_norms`): `mist_bias_values[name]` covers the whole base bias of any layer type,
 and `Norm` (LayerNorm/RMSNorm) adds `mist_norm_values[name]` over its whole weight. Selected from creation,
@@ -35,6 +36,7 @@ as with fp32 master weights in mixed-precision training: it keeps accumulating i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import threading
@@ -51,12 +53,14 @@ from torch import nn
 from ._peft_compat import BufferDict
 from .sparse_io import check_strictly_increasing
 
-# The values' gradient at the kept entries is a sampled dense-dense matmul (SDDMM, torch.sparse.sampled_addmm):
-# measured on a 2-core CPU for a 1536x384 weight and 2048 tokens it costs half a dense weight gradient at any
-# kept share up to 5%, where a gather-and-dot costs three times more. False forces the dense fallback.
+# The values' gradient at the kept entries: on the devices named here a sampled dense-dense matmul (SDDMM,
+# torch.sparse.sampled_addmm), elsewhere the dense weight gradient gathered at the kept entries. Measured on a
+# 2-core CPU (1536x384 weight, 2048 tokens) SDDMM costs half a dense weight gradient at any kept share up to 5%,
+# a gather-and-dot three times more. On an H200 (BERT-base shape, bf16) it is the reverse: SDDMM took 5.3 ms per
+# step against 1.2 ms for the dense weight gradients it replaces, plus 4.6 ms of fp32 transposing copies.
+SDDMM_DEVICES: frozenset[str] = frozenset({"cpu"})
 # Gathers and scatters use index_select / index_copy_: on the CPU build measured here, `t[idx]` and
 # `t[idx] = v` for 29,500 of 590,000 entries took 12 ms each, index_select 0.15 ms and index_copy_ 0.4 ms.
-USE_SDDMM = True
 # "inplace": effective entries written into the base weight's storage (no weight copy per step); "compose":
 # the reference path that builds W + delta in every forward and backward. Both give bit-identical results.
 ENGINE = "inplace"
@@ -96,13 +100,21 @@ def effective_entries(base_entries: torch.Tensor, values: torch.Tensor) -> torch
     return (base_entries.to(values.dtype) + values).to(base_entries.dtype)
 
 
+_GENERATORS = threading.local()  # one reseeded generator per device and thread (DataParallel runs threads)
+
+
 def _draw_kept(n: int, drop: float, seed: int, device: torch.device) -> torch.Tensor:
-    """Sorted positions of a fixed-count draw without replacement of `kept_count` out of n, from `seed`."""
-    gen = torch.Generator(device=device)
+    """Positions of a fixed-count draw without replacement of `kept_count` out of n, from `seed`: sorted on
+    the devices whose SDDMM reads them (CSR rows), in draw order elsewhere, where every consumer (gathers,
+    scatters, the optimizer hooks) is order-free and a sort per layer and step would only cost time."""
+    cache = _GENERATORS.__dict__
+    gen = cache.get(device)
+    if gen is None:
+        gen = cache[device] = torch.Generator(device=device)
     gen.manual_seed(seed)
     # randperm + sort measured fastest on a 2-core CPU at n = 30k..500k (top-k of a uniform draw: +10%)
-    perm = torch.randperm(n, generator=gen, device=device)
-    return torch.sort(perm[:kept_count(n, drop, seed)]).values
+    kept = torch.randperm(n, generator=gen, device=device)[:kept_count(n, drop, seed)]
+    return torch.sort(kept).values if torch.device(device).type in SDDMM_DEVICES else kept
 
 
 class MISTSelectionError(RuntimeError):
@@ -144,6 +156,11 @@ class MISTLayer(BaseTunerLayer):
         self._live: str | None = None  # adapter whose effective entries are written into the base weight
         self._live_backup: torch.Tensor | None = None  # the base entries they replaced
         self._live_stamp: tuple | None = None  # (values tensor id, version) last written
+        # (adapter, values, base weight) while the live adapter is the layer's whole story (the only active
+        # adapter, no dense deltas): forward then skips its checks. Whatever could change that (switching,
+        # disabling, merging or deleting adapters, new indices, `.to()`, loading) restores the base weight,
+        # which clears it.
+        self._fast_live: tuple[str, torch.Tensor, torch.Tensor] | None = None
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
@@ -322,7 +339,8 @@ class MISTLayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------------------ gradient dropout
     def kept_positions(self, adapter_name: str) -> torch.Tensor | None:
-        """Sorted positions (into the values vector) that get a gradient in the current step; None means all.
+        """Positions (into the values vector) that get a gradient in the current step; None means all. Sorted
+        on CPU; on other devices in draw order (see `_draw_kept`).
 
         A fixed-count draw without replacement, so nothing in it waits on the device (no `nonzero`): the
         count is (1 - grad_drop) * n, rounded up or down at random in proportion to its fraction (exact when
@@ -343,8 +361,8 @@ class MISTLayer(BaseTunerLayer):
         return kept
 
     def _note_training_forward(self) -> None:
-        self._forwards_at_step += 1
-        if self._forwards_at_step == 64:
+        forwards = self.__dict__["_forwards_at_step"] = self._forwards_at_step + 1  # see _write_live
+        if forwards == 64:
             warnings.warn(
                 "MIST: 64 training forwards without an optimizer step, so the gradient-dropout subset is not being "
                 "redrawn. MIST advances it in torch's optimizer step hooks: this is expected only with 64 or more "
@@ -357,15 +375,15 @@ class MISTLayer(BaseTunerLayer):
         """(indices, kept positions, gradient scale) per adapter for the current forward."""
         if any(self._training(a) for a in adapters):
             self._note_training_forward()
-        out = []
-        for a in adapters:
-            kept = self.kept_positions(a) if self._training(a) else None
-            drop = self.mist_grad_drop[a]
-            scale = 1.0 / (1.0 - drop) if self.mist_rescale[a] and drop > 0 else 1.0
-            if a in self.mist_grad_scale:
-                scale = self.mist_grad_scale[a] * scale
-            out.append((self.mist_indices[a], kept, scale))
-        return out
+        return [self._grad_meta(a) if self._training(a) else (self.mist_indices[a], None, 1.0) for a in adapters]
+
+    def _grad_meta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """(indices, kept positions, gradient scale) of a training forward of `adapter_name`."""
+        drop = self.mist_grad_drop[adapter_name]
+        scale = 1.0 / (1.0 - drop) if self.mist_rescale[adapter_name] and drop > 0 else 1.0
+        if adapter_name in self.mist_grad_scale:
+            scale = self.mist_grad_scale[adapter_name] * scale
+        return self.mist_indices[adapter_name], self.kept_positions(adapter_name), scale
 
     # ------------------------------------------------------------------------------ "fisher" warm-up
     def _score_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
@@ -393,9 +411,9 @@ class MISTLayer(BaseTunerLayer):
         self.set_indices(adapter_name, torch.sort(chosen).values)
 
     # ------------------------------------------------------------------------------ in-place engine
-    def _write_live(self, adapter_name: str) -> None:
-        """Make the base weight hold `adapter_name`'s effective entries (writes only the selected entries)."""
-        values = self.mist_values[adapter_name]
+    def _write_live(self, adapter_name: str, values: torch.Tensor) -> None:
+        """Make the base weight hold `adapter_name`'s effective entries (`values`, its values tensor): writes
+        only the selected entries, and only when they changed since the last write."""
         stamp = (id(values), values._version)
         if self._live == adapter_name and self._live_stamp == stamp:
             return
@@ -405,10 +423,12 @@ class MISTLayer(BaseTunerLayer):
             self.restore_base_weight()
             self._live_backup = flat.index_select(0, idx)
         flat.index_copy_(0, idx, effective_entries(self._live_backup, values.detach()))
-        self._live, self._live_stamp = adapter_name, stamp
+        # plain attributes written through __dict__: nn.Module.__setattr__ costs more than this whole check
+        self.__dict__.update(_live=adapter_name, _live_stamp=stamp)
 
     def restore_base_weight(self) -> None:
         """Put the exact base entries back (leave the in-place engine); a no-op when it is not in use."""
+        self.__dict__["_fast_live"] = None
         if self._live is None:
             return
         self.get_base_layer().weight.data.view(-1).index_copy_(0, self.mist_indices[self._live], self._live_backup)
@@ -577,6 +597,16 @@ def _at(scale, positions: torch.Tensor):
     return scale.index_select(0, positions) if torch.is_tensor(scale) else scale
 
 
+def _scaled(dots: torch.Tensor, scale, positions: torch.Tensor) -> torch.Tensor:
+    """`dots` times the gradient scale at `positions` (no op at all for a scale of exactly 1)."""
+    return dots if not torch.is_tensor(scale) and scale == 1.0 else dots * _at(scale, positions)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)` without the call when it would return `t` itself (the training step's hot path)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype a plain nn.Linear would compute in: autocast's when autocast is on, else the weight's."""
     device_type = x.device.type
@@ -598,10 +628,12 @@ class _SparseDeltaLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, fan_in_fan_out: bool, meta: list, *values_and_live):
         *values, live = values_and_live  # live: `weight` already holds the effective entries (in-place engine)
         dtype = _compute_dtype(x, weight)
-        w = (weight if live else _compose(weight, meta, values)).to(dtype)
-        xc = x.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
-        with torch.autocast(x.device.type, enabled=False):
+        w = _as(weight if live else _compose(weight, meta, values), dtype)
+        xc = _as(x, dtype)
+        b = _as(bias, dtype) if bias is not None else None
+        # every operand is in the compute dtype already; autocast (when on) must not cast them again
+        with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
+                else contextlib.nullcontext():
             if fan_in_fan_out:  # the same kernel as transformers' Conv1D, so zero deltas reproduce it exactly
                 x2 = xc.reshape(-1, xc.shape[-1])
                 y2 = torch.addmm(b, x2, w) if b is not None else x2 @ w
@@ -611,7 +643,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
         ctx.fan_in_fan_out, ctx.meta, ctx.dtype, ctx.x_dtype, ctx.live = fan_in_fan_out, meta, dtype, x.dtype, live
         # only a backward that computes values' gradients reads it (inference tensors have no version counter)
         ctx.inputs = _InputMajor.shared(x, dtype) if any(ctx.needs_input_grad[5:]) and not x.is_inference() \
-            else None
+            and x.device.type in SDDMM_DEVICES else None
         ctx.save_for_backward(xc, weight, bias, *values)
         return y
 
@@ -620,12 +652,12 @@ class _SparseDeltaLinear(torch.autograd.Function):
         x, weight, bias, *values = ctx.saved_tensors
         fan = ctx.fan_in_fan_out
         need = ctx.needs_input_grad
-        gy2 = _token_rows(gy).to(ctx.dtype)
+        gy2 = _as(_token_rows(gy), ctx.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = None
         if need[0]:
-            w = (weight if ctx.live else _compose(weight, ctx.meta, values)).to(ctx.dtype)
-            grad_x = (gy2 @ (w.t() if fan else w)).view(x.shape).to(ctx.x_dtype)
+            w = _as(weight if ctx.live else _compose(weight, ctx.meta, values), ctx.dtype)
+            grad_x = _as((gy2 @ (w.t() if fan else w)).view(x.shape), ctx.x_dtype)
         if need[1]:
             grad_w = gy2.t() @ x2  # [out, in]
             grad_w = (grad_w.t() if fan else grad_w).to(weight.dtype)
@@ -644,7 +676,7 @@ class _SparseDeltaLinear(torch.autograd.Function):
             else:
                 dots = _kept_weight_grad(gy2, x2, flat, tuple(weight.shape), fan, majors, ctx.inputs)
             g = torch.zeros_like(v)
-            g.index_copy_(0, positions, dots.to(v.dtype) * _at(scale, positions))
+            g.index_copy_(0, positions, _scaled(_as(dots, v.dtype), scale, positions))
             grad_values.append(g)
         return (grad_x, grad_w, grad_b, None, None, *grad_values, None)
 
@@ -710,7 +742,7 @@ def _kept_weight_grad(gy2: torch.Tensor, x2: torch.Tensor, flat: torch.Tensor, s
     """dL/dW at the sorted flat indices `flat` of a weight stored as `shape` ([out, in], or [in, out] for
     Conv1D), without building the dense gradient when SDDMM is available. `majors` caches the token-major
     operands across calls of one backward; `inputs` shares the input's with sibling layers."""
-    if USE_SDDMM and flat.numel():
+    if flat.numel() and gy2.device.type in SDDMM_DEVICES:
         if not majors:
             majors += [_token_major(gy2), inputs.take(x2) if inputs is not None else _token_major(x2)]
         g_major, x_major = majors
@@ -748,6 +780,12 @@ class _MISTModule(nn.Module, MISTLayer):
         return "mist." + super().__repr__()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        fast = self._fast_live
+        if fast is not None and not fast[2].requires_grad and ENGINE == "inplace":
+            values = fast[1]  # while `fast` is set, the live entries are this tensor's: only its version can move
+            if values._version == self._live_stamp[1] and not (values.requires_grad and torch.is_grad_enabled()):
+                return self.base_layer(x)  # unmerged inference: the base layer's own call
+            return self._live_forward(x, *fast, plain=True)
         out = self._base_only(x, *args, **kwargs)
         if out is not None:
             return out
@@ -767,15 +805,34 @@ class _MISTModule(nn.Module, MISTLayer):
         if not (ENGINE == "inplace" and len(adapters) == 1 and not base.weight.requires_grad and self._live_ok(base)):
             self.restore_base_weight()
             return self._dense_forward(x, adapters, [])
-        name = adapters[0]
-        self._write_live(name)
-        if not self._training(name):
-            return self._base_forward(x)  # inference: exactly the base layer's cost
-        ((idx, kept, scale),) = self._grad_inputs(adapters)
+        return self._go_live(x, adapters[0], base.weight)
+
+    def _go_live(self, x: torch.Tensor, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Enter the in-place engine for adapter `name` and run the forward there; while nothing else is active
+        on the layer, later forwards go straight to `_live_forward`."""
+        values = self.mist_values[name]
+        plain = not self._dense_active()
+        out = self._live_forward(x, name, values, weight, plain=plain)
+        if plain:  # after the first write, which may restore (and so clear) an older state
+            self.__dict__["_fast_live"] = (name, values, weight)
+        return out
+
+    def _live_forward(self, x: torch.Tensor, name: str, values: torch.Tensor, weight: torch.Tensor,
+                      plain: bool) -> torch.Tensor:
+        """The forward on the in-place weight: inference is exactly the base layer's cost (`plain`: no dense
+        deltas are active); training adds the values' gradient at the kept entries."""
+        self._write_live(name, values)
+        if not (values.requires_grad and torch.is_grad_enabled()):
+            return self.base_layer(x) if plain else self._base_forward(x)
+        self._note_training_forward()
+        return self._live_training_forward(x, values, weight, self._grad_meta(name))
+
+    def _live_training_forward(self, x: torch.Tensor, values: torch.Tensor, weight: torch.Tensor,
+                               meta: tuple) -> torch.Tensor:
+        """Conv2d and Embedding: the base layer's forward, the values' gradient added by its backward."""
         if x.is_floating_point():
-            x = self._input_for(x, base.weight.dtype)
-        return _ValuesGradFromOutput.apply(self._base_forward(x), x, self.mist_values[name], self._kept_grad,
-                                           idx, kept, scale)
+            x = self._input_for(x, weight.dtype)
+        return _ValuesGradFromOutput.apply(self._base_forward(x), x, values, self._kept_grad, *meta)
 
     def _live_ok(self, base: nn.Module) -> bool:
         """Whether the in-place engine applies to this base layer's settings."""
@@ -821,17 +878,18 @@ class Linear(_MISTModule):
 
     def _sparse_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         base = self.get_base_layer()
-        live = ENGINE == "inplace" and len(adapters) == 1 and not base.weight.requires_grad
-        if live:
-            self._write_live(adapters[0])
-            if not self._training(adapters[0]):
-                return self._base_forward(x)  # inference: exactly the base layer's cost
-        else:
-            self.restore_base_weight()
+        if ENGINE == "inplace" and len(adapters) == 1 and not base.weight.requires_grad:
+            return self._go_live(x, adapters[0], base.weight)
+        self.restore_base_weight()
         meta = self._grad_inputs(adapters)
         values = [self.mist_values[a] for a in adapters]
         x = self._input_for(x, base.weight.dtype)
-        return _SparseDeltaLinear.apply(x, base.weight, self._bias(), self.fan_in_fan_out, meta, *values, live)
+        return _SparseDeltaLinear.apply(x, base.weight, self._bias(), self.fan_in_fan_out, meta, *values, False)
+
+    def _live_training_forward(self, x: torch.Tensor, values: torch.Tensor, weight: torch.Tensor,
+                               meta: tuple) -> torch.Tensor:
+        return _SparseDeltaLinear.apply(self._input_for(x, weight.dtype), weight, self._bias(), self.fan_in_fan_out,
+                                        [meta], values, True)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bias = self._bias()

@@ -85,10 +85,16 @@ def _before_step(optimizer, args, kwargs) -> None:
             keep = kept[1]
         else:  # no forward drew a subset this step: no entry moves
             keep = torch.zeros(0, dtype=torch.int64, device=p.device)
-        state = {k: v.clone() for k, v in optimizer.state.get(p, {}).items()
-                 if torch.is_tensor(v) and v.shape == p.shape}
-        snapshots.append((p, keep, p.detach().clone(), state))
-    _SAVED[id(optimizer)] = (snapshots, {layer for _, layer, _, _ in params})
+        state = {k: v for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v) and v.shape == p.shape}
+        snapshots.append((p, keep, state))
+    # one multi-tensor copy for every snapshot (values and per-entry state), not a clone per tensor
+    live = [t for p, _, state in snapshots for t in (p.detach(), *state.values())]
+    copies = [torch.empty_like(t) for t in live]
+    if live:
+        torch._foreach_copy_(copies, live)
+    olds = iter(copies)
+    saved = [(p, keep, next(olds), {k: next(olds) for k in state}) for p, keep, state in snapshots]
+    _SAVED[id(optimizer)] = (saved, {layer for _, layer, _, _ in params})
 
 
 def _after_step(optimizer, args, kwargs) -> None:
@@ -97,28 +103,22 @@ def _after_step(optimizer, args, kwargs) -> None:
         return
     snapshots, layers = saved
     with torch.no_grad():
+        targets, restored = [], []
         for p, keep, value, state in snapshots:
-            _restore_dropped(p, keep, value)
-            for key, new in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(new) and new.shape == p.shape:
-                    _restore_dropped(new, keep, state.get(key))
-    for layer in layers:
-        layer.mist_step += 1
-        layer._forwards_at_step = 0
+            pairs = [(p, value)] + [(new, state.get(key)) for key, new in optimizer.state.get(p, {}).items()
+                                    if torch.is_tensor(new) and new.shape == p.shape]
+            for new, old in pairs:
+                # the pre-step tensor (zeros for state the step created) with this step's kept entries moved in
+                old = torch.zeros_like(new) if old is None else old
+                old.index_copy_(0, keep, new.index_select(0, keep))
+                targets.append(new)
+                restored.append(old)
+        if targets:
+            torch._foreach_copy_(targets, restored)  # one multi-tensor copy back
+    for layer in layers:  # plain attributes: written past nn.Module.__setattr__, which costs more than this
+        layer.__dict__.update(mist_step=layer.mist_step + 1, _forwards_at_step=0)
         for name in list(layer.mist_scores):
             layer.finish_warmup(name)
-
-
-def _restore_dropped(new: torch.Tensor, keep: torch.Tensor, old: torch.Tensor | None) -> None:
-    """Give `new` back its pre-step entries (`old`, or zeros for state the step created) outside the kept
-    positions `keep`. The snapshot takes the kept entries and is copied back whole: on a 2-core CPU at
-    30k-500k entries and 10% kept, 2.5-4x cheaper than a boolean mask and `torch.where`."""
-    moved = new.index_select(0, keep)
-    if old is None:
-        new.zero_()
-    else:
-        new.copy_(old)
-    new.index_copy_(0, keep, moved)
 
 
 def attach_optimizer(optimizer, model: nn.Module) -> list:
