@@ -1,12 +1,14 @@
 """`mist-peft continual` end to end with a tiny budget: the three output files and their schema."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
 
-from mist_peft.cli import main
+from mist_peft.cli import build_parser, main, make_config
+from mist_peft.continual.runner import ContinualConfig
 
 FIELDS = {"avg_acc", "last_acc", "forgetting", "acc_matrix", "seconds", "changed_fraction"}
 
@@ -179,3 +181,15 @@ def test_select_recipe_takes_each_hosts_better_policy_and_the_best_backbone_on_a
                                                           "adapt": "simplecil=every,ranpac=first"}
     made_up[("adamw", 1e-4, "every")]["simplecil"] = (80.0, 90.0)  # +30, +5 -> 17.5: adamw, every for both
     assert cli.select_recipe({}, args, None, None)[0] == {"optimizer": "adamw", "lr": 1e-4, "adapt": "every"}
+
+
+def test_library_and_cli_share_one_recipe():
+    """`ContinualConfig()` and `mist-peft continual` without options tune with the same recipe (they once
+    disagreed on the steps per task, 20 against 10); only run settings (hosts, batch size, seed) may differ."""
+    cli = make_config(build_parser().parse_args(["continual"]))
+    library = ContinualConfig()
+    run_settings = {"hosts", "batch_size", "seed"}
+    differ = {f.name for f in dataclasses.fields(ContinualConfig) if getattr(cli, f.name) != getattr(library, f.name)}
+    assert differ <= run_settings, differ - run_settings
+    assert (library.steps_per_task, library.optimizer, library.lr, library.adapt) == \
+        (10, "sgd", 1e-3, {"simplecil": "every", "ranpac": "first"})
