@@ -85,8 +85,7 @@ def _before_step(optimizer, args, kwargs) -> None:
             keep = kept[1]
         else:  # no forward drew a subset this step: no entry moves
             keep = torch.zeros(0, dtype=torch.int64, device=p.device)
-        state = {k: v for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v) and v.shape == p.shape}
-        snapshots.append((p, keep, state))
+        snapshots.append((p, keep, _entry_state(optimizer, p)))
     # one multi-tensor copy for every snapshot (values and per-entry state), not a clone per tensor
     live = [t for p, _, state in snapshots for t in (p.detach(), *state.values())]
     copies = [torch.empty_like(t) for t in live]
@@ -97,6 +96,11 @@ def _before_step(optimizer, args, kwargs) -> None:
     _SAVED[id(optimizer)] = (saved, {layer for _, layer, _, _ in params})
 
 
+def _entry_state(optimizer, p: torch.Tensor) -> dict:
+    """The optimizer state of `p` that has one entry per value (momentum, Adam moments; not Adam's step)."""
+    return {k: v for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v) and v.shape == p.shape}
+
+
 def _after_step(optimizer, args, kwargs) -> None:
     saved = _SAVED.pop(id(optimizer), None)
     if saved is None:
@@ -105,8 +109,7 @@ def _after_step(optimizer, args, kwargs) -> None:
     with torch.no_grad():
         targets, restored = [], []
         for p, keep, value, state in snapshots:
-            pairs = [(p, value)] + [(new, state.get(key)) for key, new in optimizer.state.get(p, {}).items()
-                                    if torch.is_tensor(new) and new.shape == p.shape]
+            pairs = [(p, value)] + [(new, state.get(key)) for key, new in _entry_state(optimizer, p).items()]
             for new, old in pairs:
                 # the pre-step tensor (zeros for state the step created) with this step's kept entries moved in
                 old = torch.zeros_like(new) if old is None else old
