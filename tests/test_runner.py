@@ -67,8 +67,8 @@ def test_concat_drift_compensation_leaves_the_frozen_half_of_old_prototypes_exac
         return hosts[-1]
 
     monkeypatch.setattr(runner, "_make_host", make_host)
-    config = ContinualConfig(hosts=("simplecil",), methods=("frozen", "mist"), features="concat", steps_per_task=2,
-                             batch_size=8, lr=1e-2, drift_compensation="linear", seed=0)
+    config = ContinualConfig(adapt="every", hosts=("simplecil",), methods=("frozen", "mist"), features="concat",
+                             steps_per_task=2, batch_size=8, lr=1e-2, drift_compensation="linear", seed=0)
     run_continual(lambda: assets.load_vit(28), mnist_tasks, image_collate(28), config)
     frozen, concat = hosts
     hidden = frozen.prototypes.shape[1]
