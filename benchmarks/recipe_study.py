@@ -40,7 +40,7 @@ SUITES = {  # sized for a 2-core CPU; the validation split is 20% of these train
     "clinc150": ["--dataset", "clinc150", "--train-per-class", "20", "--batch-size", "32"],
 }
 BASE = {"optimizer": "sgd", "lr": 1e-3, "adapt": "every", "steps_per_task": 10, "density": 0.05, "grad_drop": 0.9,
-        "features": "adapted", "drift_anchor": "previous", "ranpac_resynthesis": "full"}
+        "features": "adapted", "drift_anchor": "previous", "ranpac_resynthesis": "full", "ranpac_ridge": "task"}
 RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, weight decay 5e-4)
     "sgd-1e-3-every": {},
     "sgd-1e-3-first": {"adapt": "first"},
@@ -72,7 +72,14 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
     "sgd-3e-3-first-default": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse", "lr": 3e-3},
     # RanPAC's old statistics corrected by the change the drift makes to Gaussian draws, not rebuilt from them
     "sgd-1e-3-every-default-delta": {"features": "simplecil=adapted,ranpac=fuse", "ranpac_resynthesis": "delta"},
+    # RanPAC's ridge validated with the earlier classes' statistics in the system. It changes the frozen RanPAC
+    # too, so these rows are compared with their own frozen run (`baseline`); SimpleCIL does not read it.
+    "frozen-ridge-all": {"ranpac_ridge": "all", "host": "ranpac"},
+    "sgd-1e-3-first-default-30steps-ridge-all": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse",
+                                                 "steps_per_task": 30, "ranpac_ridge": "all", "host": "ranpac",
+                                                 "baseline": "frozen-ridge-all"},
 }
+RUN_ONLY = ("host", "baseline")  # recipe keys that choose what runs and what it is compared with
 TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
 
 
@@ -105,8 +112,8 @@ def run_suite(suite: str, seed: int, recipes: list[str], data_dir: str | None, o
         if name in done["runs"]:
             continue
         recipe = {**BASE, **RECIPES.get(name, {})}
-        config = make_config(argparse.Namespace(**{**vars(args), **recipe, "methods": name if name == "frozen"
-                                                   else "mist"}))
+        frozen = name.startswith("frozen")
+        config = make_config(argparse.Namespace(**{**vars(args), **recipe, "methods": "frozen" if frozen else "mist"}))
         methods = run_continual(make_backbone, tasks, collate, config)["methods"]
         done["runs"][name] = {"recipe": recipe, "rows": {k: {m: v[m] for m in ("avg_acc", "last_acc", "forgetting")}
                                                          for k, v in methods.items()}}
@@ -123,10 +130,11 @@ def summarise(out: Path = OUT) -> str:
     per = {}  # recipe -> (suite, host) -> seed -> (dAvg, dLast, dForgetting)
     for path in sorted(out.glob("*_*.json")):
         done = json.loads(path.read_text())
-        frozen = done["runs"].get("frozen", {}).get("rows", {})
         for name, run in done["runs"].items():
-            if name == "frozen":
+            if name.startswith("frozen"):
                 continue
+            baseline = RECIPES.get(name, {}).get("baseline", "frozen")
+            frozen = done["runs"].get(baseline, {}).get("rows", {})
             for host in HOSTS:
                 row, base = run["rows"].get(f"{host}+mist"), frozen.get(host)
                 if row and base:
@@ -159,7 +167,7 @@ def summarise(out: Path = OUT) -> str:
 
 # options a host may take on its own: what it sees, where its drift maps start, when its backbone adapts (hosts
 # with different adapt policies get one backbone trajectory each) and how RanPAC carries its statistics
-HOST_SIDE = ("features", "drift_anchor", "adapt", "ranpac_resynthesis")
+HOST_SIDE = ("features", "drift_anchor", "adapt", "ranpac_resynthesis", "ranpac_ridge", *RUN_ONLY)
 
 
 def host_variant(recipe: dict, host: str) -> str:
@@ -170,8 +178,9 @@ def host_variant(recipe: dict, host: str) -> str:
     anchored = config.anchor_modes()[host] == "pretrained"
     first = config.adapt_modes()[host] == "first"
     delta = host == "ranpac" and recipe["ranpac_resynthesis"] == "delta"
+    ridge_all = host == "ranpac" and recipe["ranpac_ridge"] == "all"
     return config.feature_modes()[host] + (", anchored" if anchored else "") + (", first task" if first else "") \
-        + (", delta" if delta else "")
+        + (", delta" if delta else "") + (", ridge all" if ridge_all else "")
 
 
 def features_per_host(per: dict, cells: list) -> list[str]:

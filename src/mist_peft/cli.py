@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how RanPAC carries old classes' G and Q through a drift map: rebuild them from Gaussian "
                         "draws of the mapped moments (full), or keep them and add the change the map makes to the "
                         "same draws (delta; chained maps only)")
+    p.add_argument("--ranpac-ridge", choices=("task", "all"), default="task",
+                   help="how RanPAC validates its ridge penalty at each task: on the task's rows alone (task, the "
+                        "reference) or with every earlier class's statistics in the system (all)")
     p.add_argument("--diagnostics", action="store_true",
                    help="also report the other drift compensations (rows host+method@mode) and the oracle "
                         "(statistics recomputed with the final backbone; not exemplar-free, a ceiling)")
@@ -183,7 +186,7 @@ def make_config(args: argparse.Namespace) -> ContinualConfig:
         momentum=args.momentum, weight_decay=args.weight_decay, pooling=args.pooling,
         projection_dim=args.projection_dim, drift_compensation=_per_host_option(args.drift_compensation),
         features=_per_host_option(args.features), drift_anchor=_per_host_option(args.drift_anchor),
-        ranpac_resynthesis=args.ranpac_resynthesis,
+        ranpac_resynthesis=args.ranpac_resynthesis, ranpac_ridge=args.ranpac_ridge,
         diagnostics=args.diagnostics, overlap_decay=args.overlap_decay, frozen_quantile=args.frozen_quantile,
         tune_biases_and_norms=args.tune_biases_and_norms, seed=args.seed)
 

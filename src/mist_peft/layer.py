@@ -85,12 +85,19 @@ def dropout_seed(seed: int, layer_key: int, step: int) -> int:
     return ((seed * 1_000_003 + layer_key) * 7_919 + step) % _SEED_MOD
 
 
+_GENERATORS = threading.local()  # one reseeded generator per device and thread (DataParallel runs threads)
+
+
 def kept_count(n: int, drop: float, seed: int) -> int:
     """Entries kept out of n: (1 - drop) * n, its fraction rounded up with that probability (a host-side
     draw from `seed`, so no device sync), which keeps each entry's marginal keep probability 1 - drop."""
     expected = (1.0 - drop) * n
     whole = math.floor(expected)
-    return min(n, whole + int(random.Random(seed).random() < expected - whole))
+    rng = _GENERATORS.__dict__.get("host")  # reseeding one instance draws what random.Random(seed) would
+    if rng is None:
+        rng = _GENERATORS.__dict__["host"] = random.Random()
+    rng.seed(seed)
+    return min(n, whole + int(rng.random() < expected - whole))
 
 
 def effective_entries(base_entries: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -98,9 +105,6 @@ def effective_entries(base_entries: torch.Tensor, values: torch.Tensor) -> torch
     if base_entries.dtype == values.dtype:
         return base_entries + values
     return (base_entries.to(values.dtype) + values).to(base_entries.dtype)
-
-
-_GENERATORS = threading.local()  # one reseeded generator per device and thread (DataParallel runs threads)
 
 
 def _draw_kept(n: int, drop: float, seed: int, device: torch.device) -> torch.Tensor:
@@ -114,7 +118,7 @@ def _draw_kept(n: int, drop: float, seed: int, device: torch.device) -> torch.Te
     gen.manual_seed(seed)
     # randperm + sort measured fastest on a 2-core CPU at n = 30k..500k (top-k of a uniform draw: +10%)
     kept = torch.randperm(n, generator=gen, device=device)[:kept_count(n, drop, seed)]
-    return torch.sort(kept).values if torch.device(device).type in SDDMM_DEVICES else kept
+    return torch.sort(kept).values if device.type in SDDMM_DEVICES else kept
 
 
 class MISTSelectionError(RuntimeError):
@@ -160,7 +164,7 @@ class MISTLayer(BaseTunerLayer):
         # adapter, no dense deltas): forward then skips its checks. Whatever could change that (switching,
         # disabling, merging or deleting adapters, new indices, `.to()`, loading) restores the base weight,
         # which clears it.
-        self._fast_live: tuple[str, torch.Tensor, torch.Tensor] | None = None
+        self._fast_live: tuple[str, torch.Tensor, torch.Tensor, nn.Module] | None = None  # + the base layer
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
@@ -338,7 +342,7 @@ class MISTLayer(BaseTunerLayer):
         return scoring
 
     # ------------------------------------------------------------------------------ gradient dropout
-    def kept_positions(self, adapter_name: str) -> torch.Tensor | None:
+    def kept_positions(self, adapter_name: str, values: torch.Tensor | None = None) -> torch.Tensor | None:
         """Positions (into the values vector) that get a gradient in the current step; None means all. Sorted
         on CPU; on other devices in draw order (see `_draw_kept`).
 
@@ -346,7 +350,8 @@ class MISTLayer(BaseTunerLayer):
         count is (1 - grad_drop) * n, rounded up or down at random in proportion to its fraction (exact when
         it is an integer), so every entry's marginal keep probability is exactly 1 - grad_drop. Count and
         subset depend only on (seed, layer id, step): every process of a multi-process run and every forward
-        of the same step (two views, gradient accumulation) sees the same subset.
+        of the same step (two views, gradient accumulation) sees the same subset. `values`: the adapter's
+        values tensor, when the caller holds it already.
         """
         drop = self.mist_grad_drop[adapter_name]
         if drop == 0:
@@ -354,7 +359,8 @@ class MISTLayer(BaseTunerLayer):
         cached = self.mist_kept.get(adapter_name)
         if cached is not None and cached[0] == self.mist_step:
             return cached[1]
-        values = self.mist_values[adapter_name]
+        if values is None:
+            values = self.mist_values[adapter_name]
         seed = dropout_seed(self.mist_seed[adapter_name], self.mist_key, self.mist_step)
         kept = _draw_kept(values.numel(), drop, seed, values.device)
         self.mist_kept[adapter_name] = (self.mist_step, kept)
@@ -377,13 +383,15 @@ class MISTLayer(BaseTunerLayer):
             self._note_training_forward()
         return [self._grad_meta(a) if self._training(a) else (self.mist_indices[a], None, 1.0) for a in adapters]
 
-    def _grad_meta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """(indices, kept positions, gradient scale) of a training forward of `adapter_name`."""
+    def _grad_meta(self, adapter_name: str, values: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """(indices, kept positions, gradient scale) of a training forward of `adapter_name` (whose values
+        tensor is `values`, when the caller holds it)."""
         drop = self.mist_grad_drop[adapter_name]
         scale = 1.0 / (1.0 - drop) if self.mist_rescale[adapter_name] and drop > 0 else 1.0
         if adapter_name in self.mist_grad_scale:
             scale = self.mist_grad_scale[adapter_name] * scale
-        return self.mist_indices[adapter_name], self.kept_positions(adapter_name), scale
+        return self.mist_indices[adapter_name], self.kept_positions(adapter_name, values), scale
 
     # ------------------------------------------------------------------------------ "fisher" warm-up
     def _score_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
@@ -642,8 +650,8 @@ class _SparseDeltaLinear(torch.autograd.Function):
                 y = F.linear(xc, w, b)
         ctx.fan_in_fan_out, ctx.meta, ctx.dtype, ctx.x_dtype, ctx.live = fan_in_fan_out, meta, dtype, x.dtype, live
         # only a backward that computes values' gradients reads it (inference tensors have no version counter)
-        ctx.inputs = _InputMajor.shared(x, dtype) if any(ctx.needs_input_grad[5:]) and not x.is_inference() \
-            and x.device.type in SDDMM_DEVICES else None
+        ctx.inputs = _InputMajor.shared(x, dtype) if x.device.type in SDDMM_DEVICES \
+            and any(ctx.needs_input_grad[5:]) and not x.is_inference() else None
         ctx.save_for_backward(xc, weight, bias, *values)
         return y
 
@@ -805,30 +813,31 @@ class _MISTModule(nn.Module, MISTLayer):
         if not (ENGINE == "inplace" and len(adapters) == 1 and not base.weight.requires_grad and self._live_ok(base)):
             self.restore_base_weight()
             return self._dense_forward(x, adapters, [])
-        return self._go_live(x, adapters[0], base.weight)
+        return self._go_live(x, adapters[0], base)
 
-    def _go_live(self, x: torch.Tensor, name: str, weight: torch.Tensor) -> torch.Tensor:
+    def _go_live(self, x: torch.Tensor, name: str, base: nn.Module) -> torch.Tensor:
         """Enter the in-place engine for adapter `name` and run the forward there; while nothing else is active
         on the layer, later forwards go straight to `_live_forward`."""
         values = self.mist_values[name]
         plain = not self._dense_active()
-        out = self._live_forward(x, name, values, weight, plain=plain)
+        out = self._live_forward(x, name, values, base.weight, base, plain=plain)
         if plain:  # after the first write, which may restore (and so clear) an older state
-            self.__dict__["_fast_live"] = (name, values, weight)
+            self.__dict__["_fast_live"] = (name, values, base.weight, base)
         return out
 
     def _live_forward(self, x: torch.Tensor, name: str, values: torch.Tensor, weight: torch.Tensor,
-                      plain: bool) -> torch.Tensor:
-        """The forward on the in-place weight: inference is exactly the base layer's cost (`plain`: no dense
-        deltas are active); training adds the values' gradient at the kept entries."""
+                      base: nn.Module, plain: bool) -> torch.Tensor:
+        """The forward on the in-place weight of `base` (the base layer): inference is exactly the base
+        layer's cost (`plain`: no dense deltas are active); training adds the values' gradient at the kept
+        entries."""
         self._write_live(name, values)
         if not (values.requires_grad and torch.is_grad_enabled()):
             return self.base_layer(x) if plain else self._base_forward(x)
         self._note_training_forward()
-        return self._live_training_forward(x, values, weight, self._grad_meta(name))
+        return self._live_training_forward(x, values, weight, self._grad_meta(name, values), base, plain)
 
     def _live_training_forward(self, x: torch.Tensor, values: torch.Tensor, weight: torch.Tensor,
-                               meta: tuple) -> torch.Tensor:
+                               meta: tuple, base: nn.Module, plain: bool) -> torch.Tensor:
         """Conv2d and Embedding: the base layer's forward, the values' gradient added by its backward."""
         if x.is_floating_point():
             x = self._input_for(x, weight.dtype)
@@ -879,7 +888,7 @@ class Linear(_MISTModule):
     def _sparse_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         base = self.get_base_layer()
         if ENGINE == "inplace" and len(adapters) == 1 and not base.weight.requires_grad:
-            return self._go_live(x, adapters[0], base.weight)
+            return self._go_live(x, adapters[0], base)
         self.restore_base_weight()
         meta = self._grad_inputs(adapters)
         values = [self.mist_values[a] for a in adapters]
@@ -887,8 +896,9 @@ class Linear(_MISTModule):
         return _SparseDeltaLinear.apply(x, base.weight, self._bias(), self.fan_in_fan_out, meta, *values, False)
 
     def _live_training_forward(self, x: torch.Tensor, values: torch.Tensor, weight: torch.Tensor,
-                               meta: tuple) -> torch.Tensor:
-        return _SparseDeltaLinear.apply(self._input_for(x, weight.dtype), weight, self._bias(), self.fan_in_fan_out,
+                               meta: tuple, base: nn.Module, plain: bool) -> torch.Tensor:
+        bias = base.bias if plain else self._bias()  # plain: no bias delta is active
+        return _SparseDeltaLinear.apply(self._input_for(x, weight.dtype), weight, bias, self.fan_in_fan_out,
                                         [meta], values, True)
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ and a plain torch loop, with no call from the user. How the guarantee works (MIS
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -29,6 +31,9 @@ from .layer import LIVE_LAYERS, RETIRED, MISTLayer
 
 _HANDLES: list = []
 _SAVED: dict[int, tuple[list, set]] = {}  # id(optimizer) -> (snapshots, layers), between pre- and post-hook
+# optimizer -> (its parameters when last looked at, the MIST ones among them): finding the owners of the
+# optimizer's parameters walks every MIST layer, which cost more than the rest of the pre-hook
+_OWNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def install_optimizer_hooks() -> None:
@@ -45,24 +50,31 @@ def _is_wrapper(optimizer) -> bool:
 
 def _mist_params(optimizer) -> list[tuple[torch.Tensor, MISTLayer, str, str]]:
     """(values tensor, layer, adapter, kind) for every MIST values tensor the optimizer holds; kind is
-    "mist_values" (the sparse weight deltas) or a dense delta of `tune_biases_and_norms` (bias, norm weight)."""
+    "mist_values" (the sparse weight deltas) or a dense delta of `tune_biases_and_norms` (bias, norm weight).
+    Remembered per optimizer while its parameters and their owners stay the same."""
     if not LIVE_LAYERS:
         return []
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    known = _OWNED.get(optimizer)
+    if known is not None and len(known[0]) == len(params) and all(a is b for a, b in zip(known[0], params, strict=True)) \
+            and all(layer in LIVE_LAYERS and getattr(layer, kind).get(name) is p and not getattr(p, RETIRED, False)
+                    for p, layer, name, kind in known[1]):
+        return known[1]
     owners = {id(v): (layer, name, kind) for layer in list(LIVE_LAYERS)
               for kind in layer.adapter_layer_names for name, v in getattr(layer, kind).items()}
     out = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if getattr(p, RETIRED, False):
-                raise RuntimeError(
-                    "This optimizer holds MIST values that were replaced when the adapter's entries were selected "
-                    "(granularity='global' sizes each layer's values at selection), so it would train nothing. "
-                    "Create the optimizer after selection: after get_peft_model for a data-free selection, after "
-                    "`select_mi_fisher` for MI-Fisher (train_mist and MISTTrainer do this for you)."
-                )
-            owner = owners.get(id(p))
-            if owner is not None:
-                out.append((p, *owner))
+    for p in params:
+        if getattr(p, RETIRED, False):
+            raise RuntimeError(
+                "This optimizer holds MIST values that were replaced when the adapter's entries were selected "
+                "(granularity='global' sizes each layer's values at selection), so it would train nothing. "
+                "Create the optimizer after selection: after get_peft_model for a data-free selection, after "
+                "`select_mi_fisher` for MI-Fisher (train_mist and MISTTrainer do this for you)."
+            )
+        owner = owners.get(id(p))
+        if owner is not None:
+            out.append((p, *owner))
+    _OWNED[optimizer] = (params, out)
     return out
 
 
@@ -88,12 +100,20 @@ def _before_step(optimizer, args, kwargs) -> None:
         snapshots.append((p, keep, _entry_state(optimizer, p)))
     # one multi-tensor copy for every snapshot (values and per-entry state), not a clone per tensor
     live = [t for p, _, state in snapshots for t in (p.detach(), *state.values())]
-    copies = [torch.empty_like(t) for t in live]
-    if live:
-        torch._foreach_copy_(copies, live)
-    olds = iter(copies)
+    olds = iter(_clone_all(live))
     saved = [(p, keep, next(olds), {k: next(olds) for k in state}) for p, keep, state in snapshots]
     _SAVED[id(optimizer)] = (saved, {layer for _, layer, _, _ in params})
+
+
+def _clone_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Exact copies of `tensors` in one multi-tensor call where torch has one."""
+    if not tensors:
+        return []
+    if hasattr(torch, "_foreach_clone"):
+        return list(torch._foreach_clone(tensors))
+    copies = [torch.empty_like(t) for t in tensors]
+    torch._foreach_copy_(copies, tensors)
+    return copies
 
 
 def _entry_state(optimizer, p: torch.Tensor) -> dict:

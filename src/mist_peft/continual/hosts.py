@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SimpleCIL", "RanPAC", "FusedHost", "RIDGE_GRID", "DriftMap", "fit_drift", "DRIFT_MODES"]
+__all__ = ["SimpleCIL", "RanPAC", "FusedHost", "RIDGE_GRID", "DriftMap", "fit_drift", "DRIFT_MODES", "RIDGE_VALIDATION"]
 
 RIDGE_GRID: tuple[float, ...] = tuple(10.0**k for k in range(-8, 9))
 """Candidate ridge penalties 10^-8 .. 10^8, as in RanPAC."""
@@ -34,6 +34,9 @@ DRIFT_MODES: tuple[str, ...] = ("none", "linear", "sdc")
 """Drift compensation of old-class statistics: none (the reference), an affine map, or SDC translations."""
 
 RESYNTHESIS: tuple[str, ...] = ("full", "delta")
+# RanPAC's ridge: validated on the current task's rows alone (the reference), or with every earlier class's
+# statistics in the system being validated ("all")
+RIDGE_VALIDATION: tuple[str, ...] = ("task", "all")
 """How RanPAC.compensate carries old classes' G and Q: rebuilt from Gaussian draws, or corrected by the change."""
 
 SHRINK_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, float("inf"))
@@ -240,9 +243,12 @@ class RanPAC:
 
     ``W_rand`` [H, M] is drawn once from a standard normal with a seeded generator. For each task, the projected
     features ``P = ReLU(F W_rand)`` update ``G += P^T P`` (M x M) and ``Q += P^T Y`` (M x C, one-hot ``Y``); the
-    head is ``W_o = (G + lambda I)^-1 Q`` in float64. ``lambda`` is picked from ``ridges`` on the current task
-    alone: fit on 80% of its rows, lowest mean squared error on the other 20%. The rows are shuffled (seeded)
+    head is ``W_o = (G + lambda I)^-1 Q`` in float64. ``lambda`` is picked from ``ridges`` on the current task:
+    fit on 80% of its rows, lowest mean squared error on the other 20%. The rows are shuffled (seeded)
     before that split, as the reference's shuffled loader does, so class-sorted inputs still give a fair split.
+    ``ridge_validation="task"`` (the reference) fits on those rows alone; ``"all"`` keeps every earlier class's G
+    and Q in the system being validated, so a penalty that lets the new classes' head outgrow the old ones
+    fails validation (on adapted features the current-task rule picked 1e-8 at a last task: the head collapsed).
 
     Memory: G is ``8 * M^2`` bytes (0.8 GB for the reference ``M = 10000``, 32 MB for ``M = 2000``).
 
@@ -264,10 +270,12 @@ class RanPAC:
 
     def __init__(
         self, projection_dim: int = 10000, seed: int = 0, ridges: Sequence[float] = RIDGE_GRID,
-        resynthesis: str = "full",
+        resynthesis: str = "full", ridge_validation: str = "task",
     ) -> None:
         if resynthesis not in RESYNTHESIS:
             raise ValueError(f"resynthesis={resynthesis!r} is invalid: use one of {list(RESYNTHESIS)}.")
+        if ridge_validation not in RIDGE_VALIDATION:
+            raise ValueError(f"ridge_validation={ridge_validation!r} is invalid: use one of {list(RIDGE_VALIDATION)}.")
         if projection_dim < 1:
             raise ValueError(f"projection_dim must be positive, got {projection_dim}.")
         if not ridges or min(ridges) <= 0:
@@ -276,6 +284,7 @@ class RanPAC:
         self.seed = int(seed)
         self.ridges = tuple(float(r) for r in ridges)
         self.resynthesis = resynthesis
+        self.ridge_validation = ridge_validation
         self.ridge: float | None = None  # penalty chosen at the last fit_task
         self.w_rand: torch.Tensor | None = None  # [H, M] float32
         self.gram: torch.Tensor | None = None  # G [M, M] float64
@@ -356,7 +365,8 @@ class RanPAC:
             grow = torch.zeros(self.projection_dim, num_columns - self.targets.shape[1], dtype=torch.float64)
             self.targets = torch.cat([self.targets, grow], dim=1)
         if solve:
-            old = (self.gram, self.targets) if self._synthetic else None
+            with_old = self._synthetic or (self.ridge_validation == "all" and self.num_tasks > 0)
+            old = (self.gram, self.targets) if with_old else None
             self.ridge = self._choose_ridge(projected, onehot, old)
         self.gram += projected.T @ projected
         self.targets += projected.T @ onehot

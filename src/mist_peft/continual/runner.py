@@ -27,7 +27,7 @@ from ..config import MISTConfig
 from ..encoders import FeatureEncoder, extract_features
 from ..scoring import CrossTaskState
 from ..training import MISTTrainingConfig, default_accelerator, train_mist
-from .hosts import DRIFT_MODES, RESYNTHESIS, FusedHost, RanPAC, SimpleCIL, fit_drift
+from .hosts import DRIFT_MODES, RESYNTHESIS, RIDGE_VALIDATION, FusedHost, RanPAC, SimpleCIL, fit_drift
 from .metrics import continual_metrics
 from .scenarios import Task
 
@@ -88,6 +88,7 @@ class ContinualConfig:
     drift_anchor: str | Mapping[str, str] = "previous"
     drift_samples: int = 256
     ranpac_resynthesis: str = "full"  # RanPAC.compensate: rebuild old classes' G and Q ("full") or add the change
+    ranpac_ridge: str = "task"  # RanPAC.ridge_validation: the current task's rows alone, or with old classes
     diagnostics: bool = False
     overlap_decay: float | None = None
     frozen_quantile: float | None = None
@@ -110,6 +111,9 @@ class ContinualConfig:
         if self.score_batches is not None and self.score_batches < 1:
             raise ValueError(f"ContinualConfig.score_batches={self.score_batches!r} is invalid: use None (one full "
                              "pass over the task) or a positive cap.")
+        if self.ranpac_ridge not in RIDGE_VALIDATION:
+            raise ValueError(f"ContinualConfig.ranpac_ridge={self.ranpac_ridge!r} is invalid: use one of "
+                             f"{list(RIDGE_VALIDATION)}.")
         if self.ranpac_resynthesis not in RESYNTHESIS:
             raise ValueError(f"ContinualConfig.ranpac_resynthesis={self.ranpac_resynthesis!r} is invalid: use one "
                              f"of {list(RESYNTHESIS)}.")
@@ -141,7 +145,8 @@ def _per_host(option: str | Mapping[str, str], unnamed: str) -> dict[str, str]:
 
 def _make_host(host: str, config: ContinualConfig):
     return SimpleCIL() if host == "simplecil" else RanPAC(projection_dim=config.projection_dim, seed=config.seed,
-                                                          resynthesis=config.ranpac_resynthesis)
+                                                          resynthesis=config.ranpac_resynthesis,
+                                                          ridge_validation=config.ranpac_ridge)
 
 
 def _host_for(host: str, config: ContinualConfig, method: str):
