@@ -303,3 +303,32 @@ def test_trl_sft_trainer_with_the_default_mi_fisher_refuses_clearly(tmp_path):
     trainer = _sft(tmp_path, MISTConfig(target_modules=LLAMA_TARGETS), steps=2)
     with pytest.raises(MISTSelectionError, match="selection='fisher'"):
         trainer.train()
+
+
+def test_optimizer_hooks_follow_a_grown_optimizer_and_replaced_values():
+    """The hooks remember each optimizer's MIST parameters between steps. A parameter group added later must
+    get strict sparsity too, and values replaced by a new selection after steps were taken must still raise."""
+    model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query", "value"], selection="magnitude"))
+    layers = list(mist_layers(model).values())
+    values = [m.mist_values["default"] for m in layers]
+    opt = torch.optim.SGD(values[:2], lr=0.5, momentum=0.9)
+    model.train()
+
+    def step():
+        opt.zero_grad()
+        model(**tiny_inputs("bert")).last_hidden_state.pow(2).mean().backward()
+        before = [v.detach().clone() for v in values]
+        kept = [m.kept_positions("default") for m in layers]
+        opt.step()
+        return [(v.detach() != b).nonzero().flatten() for v, b in zip(values, before, strict=True)], kept
+
+    step()
+    opt.add_param_group({"params": values[2:]})
+    _, earlier = step()  # momentum of the new group's kept entries: they would move in the next step without the hooks
+    changed, kept = step()
+    assert all(not torch.equal(a, b) for a, b in zip(earlier, kept, strict=True))  # every subset was redrawn
+    assert all(c.numel() > 0 for c in changed)
+    assert all(set(c.tolist()) <= set(k.tolist()) for c, k in zip(changed, kept, strict=True))
+    layers[0].set_indices("default", torch.arange(5))  # a new size: the values tensor is replaced (retired)
+    with pytest.raises(RuntimeError, match="replaced when the adapter's entries were selected"):
+        step()

@@ -31,14 +31,19 @@ def blobs(classes, per_class=20, dim=8, seed=0, spread=0.3):
     return x, y
 
 
-def expected_ridge(host: RanPAC, x: torch.Tensor, y: torch.Tensor, task_index: int) -> float:
-    """The ridge RanPAC must pick for task `task_index`: recompute every candidate's error on its 80/20 split."""
+def expected_ridge(host: RanPAC, x: torch.Tensor, y: torch.Tensor, task_index: int,
+                   old: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+    """The ridge RanPAC must pick for task `task_index`: recompute every candidate's error on its 80/20 split
+    (with `old`, the earlier tasks' G and Q, in the system)."""
     h = host.project(x)
     onehot = torch.nn.functional.one_hot(y, host.targets.shape[1]).double()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(host.seed + 1 + task_index))
     fit, val = order[: int(0.8 * len(y))], order[int(0.8 * len(y)):]
-    errors = [torch.mean((h[val] @ RanPAC._ridge_solve(h[fit].T @ h[fit], h[fit].T @ onehot[fit], r)
-                          - onehot[val]) ** 2).item() for r in host.ridges]
+    gram, rhs = h[fit].T @ h[fit], h[fit].T @ onehot[fit]
+    if old is not None:
+        gram, rhs = gram + old[0], rhs + torch.nn.functional.pad(old[1], (0, rhs.shape[1] - old[1].shape[1]))
+    errors = [torch.mean((h[val] @ RanPAC._ridge_solve(gram, rhs, r) - onehot[val]) ** 2).item()
+              for r in host.ridges]
     return host.ridges[min(range(len(errors)), key=errors.__getitem__)]
 
 
@@ -95,6 +100,27 @@ def test_ranpac_ridge_choice_uses_the_grid_minimum():
     assert host.fit_task(x, y) == expected_ridge(host, x, y, 0)
     with pytest.raises(ValueError, match="positive"):
         RanPAC(ridges=(0.0,))
+
+
+def test_ranpac_ridge_validated_with_old_classes_keeps_a_small_task_from_collapsing_the_head():
+    """ridge_validation="all": from the second task on, every penalty is validated on the task's held-out rows with
+    the earlier classes' G and Q in the system. With 10 rows per class the reference rule (the task's rows alone)
+    picks the grid's 1e-8, and the head, solved with every class, loses old classes; "all" does not."""
+    x0, y0 = blobs([0, 1], per_class=10, spread=2.0)
+    x1, y1 = blobs([2, 3], per_class=10, spread=2.0, seed=1)
+    xt, yt = blobs([0, 1, 2, 3], per_class=50, spread=2.0, seed=7)
+    picks, accuracy = {}, {}
+    for rule in ("task", "all"):
+        host = RanPAC(projection_dim=128, seed=0, ridge_validation=rule)
+        assert host.fit_task(x0, y0) == expected_ridge(host, x0, y0, 0)  # nothing older: the rules agree
+        old = (host.gram.clone(), host.targets.clone())
+        picks[rule] = host.fit_task(x1, y1)
+        assert picks[rule] == expected_ridge(host, x1, y1, 1, old if rule == "all" else None)
+        accuracy[rule] = (host.predict(xt) == yt).float().mean().item()
+    assert picks == {"task": 1e-8, "all": 100.0}
+    assert accuracy["all"] > accuracy["task"] + 0.02, accuracy  # measured 98.5% against 95.0%
+    with pytest.raises(ValueError, match="ridge_validation"):
+        RanPAC(ridge_validation="old")
 
 
 # ------------------------------------------------------------------------------------------------ drift

@@ -57,8 +57,7 @@ def _mist_params(optimizer) -> list[tuple[torch.Tensor, MISTLayer, str, str]]:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     known = _OWNED.get(optimizer)
     if known is not None and len(known[0]) == len(params) and all(a is b for a, b in zip(known[0], params, strict=True)) \
-            and all(layer in LIVE_LAYERS and getattr(layer, kind).get(name) is p and not getattr(p, RETIRED, False)
-                    for p, layer, name, kind in known[1]):
+            and all(layer in LIVE_LAYERS and getattr(layer, kind).get(name) is p for p, layer, name, kind in known[1]):
         return known[1]
     owners = {id(v): (layer, name, kind) for layer in list(LIVE_LAYERS)
               for kind in layer.adapter_layer_names for name, v in getattr(layer, kind).items()}
