@@ -154,6 +154,11 @@ def test_cli_features_flag_reaches_the_config():
                                                                           "ranpac": "previous"}
     assert parse("--drift-anchor", "ranpac=pretrained").anchor_modes() == {"simplecil": "previous",
                                                                            "ranpac": "pretrained"}
+    for flag in ("task", "all"):  # RanPAC's ridge validation reaches both hosts of a fused RanPAC
+        fused = runner._host_for("ranpac", parse("--ranpac-ridge", flag), "mist")
+        assert fused.pretrained.ridge_validation == fused.adapted.ridge_validation == flag
+    with pytest.raises(ValueError, match="ranpac_ridge='old'.*task"):
+        ContinualConfig(ranpac_ridge="old")
 
 
 def test_per_host_adapt_policies_run_one_trajectory_each_with_the_single_policy_rows(mnist_tasks, monkeypatch):
