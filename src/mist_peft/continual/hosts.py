@@ -34,10 +34,11 @@ DRIFT_MODES: tuple[str, ...] = ("none", "linear", "sdc")
 """Drift compensation of old-class statistics: none (the reference), an affine map, or SDC translations."""
 
 RESYNTHESIS: tuple[str, ...] = ("full", "delta")
-# RanPAC's ridge: validated on the current task's rows alone (the reference), or with every earlier class's
-# statistics in the system being validated ("all")
-RIDGE_VALIDATION: tuple[str, ...] = ("task", "all")
 """How RanPAC.compensate carries old classes' G and Q: rebuilt from Gaussian draws, or corrected by the change."""
+
+RIDGE_VALIDATION: tuple[str, ...] = ("task", "all")
+"""How RanPAC validates its ridge: on the current task's rows alone (the reference), or with every earlier class's
+statistics in the system being validated."""
 
 SHRINK_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, float("inf"))
 """Ridge strengths of the affine map, relative to the mean eigenvalue of the centred feature Gram; ``inf``
