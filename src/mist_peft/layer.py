@@ -160,11 +160,12 @@ class MISTLayer(BaseTunerLayer):
         self._live: str | None = None  # adapter whose effective entries are written into the base weight
         self._live_backup: torch.Tensor | None = None  # the base entries they replaced
         self._live_stamp: tuple | None = None  # (values tensor id, version) last written
-        # (adapter, values, base weight) while the live adapter is the layer's whole story (the only active
+        # (adapter, values, base weight, base layer) while the live adapter is the layer's whole story (the only active
         # adapter, no dense deltas): forward then skips its checks. Whatever could change that (switching,
         # disabling, merging or deleting adapters, new indices, `.to()`, loading) restores the base weight,
         # which clears it.
-        self._fast_live: tuple[str, torch.Tensor, torch.Tensor, nn.Module] | None = None  # + the base layer
+        # The weight is the base layer's own, kept beside it because forward checks it on every call.
+        self._fast_live: tuple[str, torch.Tensor, torch.Tensor, nn.Module] | None = None
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
