@@ -332,3 +332,33 @@ def test_optimizer_hooks_follow_a_grown_optimizer_and_replaced_values():
     layers[0].set_indices("default", torch.arange(5))  # a new size: the values tensor is replaced (retired)
     with pytest.raises(RuntimeError, match="replaced when the adapter's entries were selected"):
         step()
+
+
+def test_one_optimizer_over_mixed_dtypes_and_late_created_state_stays_strict():
+    """The hooks snapshot and restore all values of one dtype as one concatenated tensor: an optimizer that
+    holds fp32 and fp64 values, one of which gets its Adam state only in the second step (no gradient in the
+    first), still leaves every dropped entry and its state exactly as it was."""
+    models = [get_peft_model(tiny_bert(), MISTConfig(target_modules=["query", "value"], selection="random",
+                                                     density=0.3, grad_drop=0.8, seed=5)) for _ in range(2)]
+    models[1].double()
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
+    assert {p.dtype for p in params} == {torch.float32, torch.float64}
+    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.1)
+    probes = [StrictnessProbe(m, opt) for m in models]
+    late = next(iter(mist_layers(models[0]).values())).mist_values["default"]
+    for m in models:
+        m.train()
+    for step in range(3):
+        for m in models:
+            out = m(**tiny_inputs("bert", seed=step)).last_hidden_state
+            out.pow(2).mean().backward()
+        if step == 0:
+            late.grad = None  # the optimizer skips it now and creates its state in the next step
+        for probe in probes:
+            probe.before()
+        opt.step()
+        for probe in probes:
+            probe.after()
+        opt.zero_grad()
+        assert (late in opt.state) == (step > 0)
+    assert all(probe.ever_share() > 0 for probe in probes)
