@@ -142,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how RanPAC carries old classes' G and Q through a drift map: rebuild them from Gaussian "
                         "draws of the mapped moments (full), or keep them and add the change the map makes to the "
                         "same draws (delta; chained maps only)")
-    p.add_argument("--ranpac-ridge", choices=("task", "all"), default="task",
-                   help="how RanPAC validates its ridge penalty at each task: on the task's rows alone (task, the "
-                        "reference) or with every earlier class's statistics in the system (all)")
+    p.add_argument("--ranpac-ridge", choices=("task", "all"), default="all",
+                   help="how RanPAC validates its ridge penalty at each task: with every earlier class's statistics "
+                        "in the system (all, the default: chosen on validation splits) or on the task's rows alone "
+                        "(task, the reference)")
     p.add_argument("--diagnostics", action="store_true",
                    help="also report the other drift compensations (rows host+method@mode) and the oracle "
                         "(statistics recomputed with the final backbone; not exemplar-free, a ceiling)")

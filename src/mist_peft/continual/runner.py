@@ -88,7 +88,7 @@ class ContinualConfig:
     drift_anchor: str | Mapping[str, str] = "previous"
     drift_samples: int = 256
     ranpac_resynthesis: str = "full"  # RanPAC.compensate: rebuild old classes' G and Q ("full") or add the change
-    ranpac_ridge: str = "task"  # RanPAC.ridge_validation: the current task's rows alone, or with old classes
+    ranpac_ridge: str = "all"  # RanPAC.ridge_validation: with old classes (chosen on validation) or the task alone
     diagnostics: bool = False
     overlap_decay: float | None = None
     frozen_quantile: float | None = None
