@@ -78,6 +78,18 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
     "sgd-1e-3-first-default-30steps-ridge-all": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse",
                                                  "steps_per_task": 30, "ranpac_ridge": "all", "host": "ranpac",
                                                  "baseline": "frozen-ridge-all"},
+    # the default (ridge all) with a larger budget for its one adaptation: RanPAC's Fashion-MNIST gain is its
+    # last missed target (+0.6 to +0.7 Avg on the test runs)
+    "sgd-1e-3-first-default-60steps-ridge-all": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse",
+                                                 "steps_per_task": 60, "ranpac_ridge": "all", "host": "ranpac",
+                                                 "baseline": "frozen-ridge-all"},
+    "sgd-3e-3-first-default-30steps-ridge-all": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse",
+                                                 "steps_per_task": 30, "lr": 3e-3, "ranpac_ridge": "all",
+                                                 "host": "ranpac", "baseline": "frozen-ridge-all"},
+    "sgd-1e-3-first-default-30steps-density0.10-ridge-all": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse",
+                                                             "steps_per_task": 30, "density": 0.10,
+                                                             "ranpac_ridge": "all", "host": "ranpac",
+                                                             "baseline": "frozen-ridge-all"},
 }
 RUN_ONLY = ("host", "baseline")  # recipe keys that choose what runs and what it is compared with
 TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
