@@ -90,6 +90,13 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
                                                              "steps_per_task": 30, "density": 0.10,
                                                              "ranpac_ridge": "all", "host": "ranpac",
                                                              "baseline": "frozen-ridge-all"},
+    # SimpleCIL on the same backbones (it does not read the ridge, so its baseline is the plain frozen run)
+    "sgd-3e-3-first-default-30steps-simplecil": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse",
+                                                 "steps_per_task": 30, "lr": 3e-3, "host": "simplecil"},
+    "sgd-1e-3-first-default-30steps-density0.10-simplecil": {"adapt": "first",
+                                                             "features": "simplecil=adapted,ranpac=fuse",
+                                                             "steps_per_task": 30, "density": 0.10,
+                                                             "host": "simplecil"},
 }
 RUN_ONLY = ("host", "baseline")  # recipe keys that choose what runs and what it is compared with
 TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
