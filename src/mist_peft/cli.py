@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-drop", type=float, default=0.9)
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="optimizer of the MIST values (sgd: momentum 0.9, weight decay 5e-4, the reference)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the MIST values (and LoRA)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the MIST values (and LoRA)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--pooling", choices=("mean", "cls"), default="mean",
@@ -218,8 +218,8 @@ def validation_split(data: datasets.DatasetDict, fraction: float, seed: int) -> 
 
 
 BACKBONE_RECIPES = (  # what --select-on-validation compares for the backbone (the first is the default)
-    {"optimizer": "sgd", "lr": 1e-3},
     {"optimizer": "sgd", "lr": 3e-3},
+    {"optimizer": "sgd", "lr": 1e-3},
     {"optimizer": "adamw", "lr": 1e-4},
 )
 ADAPT_POLICIES = ("first", "every")  # and, per host, when the backbone adapts (the first is the default)
