@@ -100,7 +100,7 @@ def _before_step(optimizer, args, kwargs) -> None:
         entries.append((p, keep))
     with torch.no_grad():
         before = _flat_groups(_slots(optimizer, [p for p, _ in entries]))
-        snapshots = {key: (members, [t.numel() for t in ts], torch.cat(ts)) for key, (members, ts) in before.items()}
+        snapshots = {key: (members, torch.cat(ts)) for key, (members, ts) in before.items()}
     _SAVED[id(optimizer)] = (entries, snapshots, {layer for _, layer, _, _ in params})
 
 
@@ -146,12 +146,13 @@ def _after_step(optimizer, args, kwargs) -> None:
     if saved is None:
         return
     entries, before, layers = saved
+    numels = [p.numel() for p, _ in entries]  # every slot of a parameter has its shape
     with torch.no_grad():
         positions: dict[tuple[int, ...], torch.Tensor] = {}
         for key, (members, news) in _flat_groups(_slots(optimizer, [p for p, _ in entries])).items():
-            sizes = [t.numel() for t in news]
+            sizes = [numels[i] for i in members]
             # the pre-step tensor (zeros for state the step created), then this step's kept entries moved in
-            old = _old_flat(before.get(key), members, sizes, news[0])
+            old = _old_flat(before.get(key), members, numels, news[0])
             if tuple(members) not in positions:
                 positions[tuple(members)] = _group_positions([entries[i][1] for i in members], sizes)
             kept = positions[tuple(members)]
@@ -163,15 +164,15 @@ def _after_step(optimizer, args, kwargs) -> None:
             layer.finish_warmup(name)
 
 
-def _old_flat(before: tuple[list[int], list[int], torch.Tensor] | None, members: list[int], sizes: list[int],
+def _old_flat(before: tuple[list[int], torch.Tensor] | None, members: list[int], numels: list[int],
               like: torch.Tensor) -> torch.Tensor:
     """The pre-step concatenation of a group's tensors: the snapshot itself when the group is unchanged, else
-    assembled (zeros for a tensor that had no such state before the step)."""
+    assembled (zeros for a tensor that had no such state before the step). `numels`: entries per parameter."""
     if before is not None and before[0] == members:
-        return before[2]
-    pieces = dict(zip(before[0], before[2].split(before[1]), strict=True)) if before else {}
-    return torch.cat([pieces[i] if i in pieces else torch.zeros(n, dtype=like.dtype, device=like.device)
-                      for i, n in zip(members, sizes, strict=True)])
+        return before[1]
+    pieces = dict(zip(before[0], before[1].split([numels[i] for i in before[0]]), strict=True)) if before else {}
+    return torch.cat([pieces[i] if i in pieces else torch.zeros(numels[i], dtype=like.dtype, device=like.device)
+                      for i in members])
 
 
 def attach_optimizer(optimizer, model: nn.Module) -> list:
