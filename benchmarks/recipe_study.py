@@ -41,6 +41,8 @@ SUITES = {  # sized for a 2-core CPU; the validation split is 20% of these train
 }
 BASE = {"optimizer": "sgd", "lr": 1e-3, "adapt": "every", "steps_per_task": 10, "density": 0.05, "grad_drop": 0.9,
         "features": "adapted", "drift_anchor": "previous", "ranpac_resynthesis": "full", "ranpac_ridge": "task"}
+_FIRST30 = {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse", "steps_per_task": 30}
+_FIRST30_RIDGE_ALL = {**_FIRST30, "ranpac_ridge": "all", "host": "ranpac", "baseline": "frozen-ridge-all"}
 RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, weight decay 5e-4)
     "sgd-1e-3-every": {},
     "sgd-1e-3-first": {"adapt": "first"},
@@ -80,23 +82,12 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
                                                  "baseline": "frozen-ridge-all"},
     # the default (ridge all) with a larger budget for its one adaptation: RanPAC's Fashion-MNIST gain is its
     # last missed target (+0.6 to +0.7 Avg on the test runs)
-    "sgd-1e-3-first-default-60steps-ridge-all": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse",
-                                                 "steps_per_task": 60, "ranpac_ridge": "all", "host": "ranpac",
-                                                 "baseline": "frozen-ridge-all"},
-    "sgd-3e-3-first-default-30steps-ridge-all": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse",
-                                                 "steps_per_task": 30, "lr": 3e-3, "ranpac_ridge": "all",
-                                                 "host": "ranpac", "baseline": "frozen-ridge-all"},
-    "sgd-1e-3-first-default-30steps-density0.10-ridge-all": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse",
-                                                             "steps_per_task": 30, "density": 0.10,
-                                                             "ranpac_ridge": "all", "host": "ranpac",
-                                                             "baseline": "frozen-ridge-all"},
+    "sgd-1e-3-first-default-60steps-ridge-all": {**_FIRST30_RIDGE_ALL, "steps_per_task": 60},
+    "sgd-3e-3-first-default-30steps-ridge-all": {**_FIRST30_RIDGE_ALL, "lr": 3e-3},
+    "sgd-1e-3-first-default-30steps-density0.10-ridge-all": {**_FIRST30_RIDGE_ALL, "density": 0.10},
     # SimpleCIL on the same backbones (it does not read the ridge, so its baseline is the plain frozen run)
-    "sgd-3e-3-first-default-30steps-simplecil": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse",
-                                                 "steps_per_task": 30, "lr": 3e-3, "host": "simplecil"},
-    "sgd-1e-3-first-default-30steps-density0.10-simplecil": {"adapt": "first",
-                                                             "features": "simplecil=adapted,ranpac=fuse",
-                                                             "steps_per_task": 30, "density": 0.10,
-                                                             "host": "simplecil"},
+    "sgd-3e-3-first-default-30steps-simplecil": {**_FIRST30, "lr": 3e-3, "host": "simplecil"},
+    "sgd-1e-3-first-default-30steps-density0.10-simplecil": {**_FIRST30, "density": 0.10, "host": "simplecil"},
 }
 RUN_ONLY = ("host", "baseline")  # recipe keys that choose what runs and what it is compared with
 TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
