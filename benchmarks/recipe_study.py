@@ -88,6 +88,12 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
     # SimpleCIL on the same backbones (it does not read the ridge, so its baseline is the plain frozen run)
     "sgd-3e-3-first-default-30steps-simplecil": {**_FIRST30, "lr": 3e-3, "host": "simplecil"},
     "sgd-1e-3-first-default-30steps-density0.10-simplecil": {**_FIRST30, "density": 0.10, "host": "simplecil"},
+    # the lr 3e-3 default with the two budgets that also helped RanPAC on Fashion-MNIST at lr 1e-3
+    "sgd-3e-3-first-default-60steps-ridge-all": {**_FIRST30_RIDGE_ALL, "lr": 3e-3, "steps_per_task": 60},
+    "sgd-3e-3-first-default-30steps-density0.10-ridge-all": {**_FIRST30_RIDGE_ALL, "lr": 3e-3, "density": 0.10},
+    "sgd-3e-3-first-default-60steps-simplecil": {**_FIRST30, "lr": 3e-3, "steps_per_task": 60, "host": "simplecil"},
+    "sgd-3e-3-first-default-30steps-density0.10-simplecil": {**_FIRST30, "lr": 3e-3, "density": 0.10,
+                                                             "host": "simplecil"},
 }
 RUN_ONLY = ("host", "baseline")  # recipe keys that choose what runs and what it is compared with
 TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
