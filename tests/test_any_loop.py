@@ -5,6 +5,8 @@ Every loop is checked the same way: after each optimizer step nothing outside th
 of selected entries ever updated is close to 1 - 0.9^N), and save / reload / merge give identical outputs.
 """
 
+import warnings
+
 import pytest
 import torch
 from conftest import LLAMA_TARGETS, lm_batch, tiny_bert, tiny_inputs, tiny_llama
@@ -101,6 +103,32 @@ def test_attach_optimizer_and_callback_are_idempotent():
         moved.append(torch.cat([m.mist_values["default"].detach().clone() for m in mist_layers(model).values()]))
         assert all(m.mist_step == 3 for m in mist_layers(model).values())  # one clock tick per step
     assert torch.equal(moved[0], moved[1])
+
+
+def test_training_steps_do_not_make_the_users_own_warnings_repeat():
+    """Python shows a warning once per place under its default filter. A `warnings.catch_warnings` in MIST's
+    backward (to hide torch's once-per-process sparse-CSR notice) reset that registry at every step, so a user's
+    deprecation warning printed again after each step."""
+    model = get_peft_model(tiny_bert(), MISTConfig(target_modules=["query", "value"], selection="random"))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+
+    def users_code():
+        warnings.warn("the user's own deprecation", FutureWarning, stacklevel=1)
+
+    def step(seed: int) -> None:
+        model(**tiny_inputs("bert", seed=seed)).last_hidden_state.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step(0)  # the first sampled matmul of the process spends torch's notice (one registry reset, at most)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for seed in range(1, 4):
+            users_code()
+            step(seed)
+    assert [str(w.message) for w in caught if w.category is FutureWarning] == ["the user's own deprecation"]
+    assert all(m.mist_step == 4 for m in mist_layers(model).values())
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])

@@ -37,6 +37,7 @@ as with fp32 master weights in mixed-precision training: it keeps accumulating i
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import threading
@@ -746,6 +747,16 @@ class _InputMajor:
         return major
 
 
+@functools.cache
+def _spend_csr_warnings() -> None:
+    """torch warns once per process that sparse CSR is in beta (and unchecked): spend those warnings here,
+    silenced, once. A `warnings.catch_warnings` in every backward instead reset Python's warn-once registry, so
+    every warning of the user's own code repeated at each training step."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.zeros(1), (1, 1))
+
+
 def _kept_weight_grad(gy2: torch.Tensor, x2: torch.Tensor, flat: torch.Tensor, shape: tuple, fan: bool,
                       majors: list, inputs: _InputMajor | None) -> torch.Tensor:
     """dL/dW at the sorted flat indices `flat` of a weight stored as `shape` ([out, in], or [in, out] for
@@ -760,11 +771,10 @@ def _kept_weight_grad(gy2: torch.Tensor, x2: torch.Tensor, flat: torch.Tensor, s
         rows, cols = flat // shape[1], flat % shape[1]
         # `flat` is sorted, so are its rows: CSR row pointers without counting on the host
         crow = torch.searchsorted(rows, torch.arange(shape[0] + 1, device=flat.device))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(flat.numel(), dtype=left.dtype,
-                                                                       device=left.device), shape)
-            return torch.sparse.sampled_addmm(pattern, left, right.t(), beta=0.0).values()
+        _spend_csr_warnings()
+        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(flat.numel(), dtype=left.dtype, device=left.device),
+                                          shape)
+        return torch.sparse.sampled_addmm(pattern, left, right.t(), beta=0.0).values()
     left, right = (x2, gy2) if fan else (gy2, x2)
     return (left.t() @ right).reshape(-1).index_select(0, flat)
 
