@@ -124,7 +124,7 @@ def test_default_task_count_keeps_two_classes_per_task(capsys):
 
 
 def test_select_on_validation_reports_the_recipe_it_chose(tmp_path):
-    from mist_peft.cli import ADAPT_POLICIES, BACKBONE_RECIPES
+    from mist_peft.cli import ADAPT_POLICIES, BACKBONE_RECIPES, FORGETTING_SLACK
 
     out = tmp_path / "select"
     code = main(["continual", "--tasks", "2", "--train-per-class", "10", "--test-per-class", "4",
@@ -138,7 +138,8 @@ def test_select_on_validation_reports_the_recipe_it_chose(tmp_path):
     frozen = {round(t["validation_avg_acc"] - t["avg_gain"], 6) for t in trials}
     assert len(frozen) == 1  # every trial is paired with the same frozen run
     assert all(t["score"] == min(t["avg_gain"], t["last_gain"]) for t in trials)
-    best = max(trials, key=lambda t: t["score"])  # one host: the best trial wins, ties keep the first
+    # one host: the best trial within the forgetting bound wins (the best of all if none is), ties keep the first
+    best = max(trials, key=lambda t: (t["forgetting_gain"] <= FORGETTING_SLACK, t["score"]))
     assert config["recipe_selection"]["chosen"] == {k: best[k] for k in ("optimizer", "lr", "adapt")}
     assert (config["optimizer"], config["lr"], config["adapt"]) == (best["optimizer"], best["lr"], best["adapt"])
 
@@ -158,13 +159,16 @@ def test_select_recipe_takes_each_hosts_better_policy_and_the_best_backbone_on_a
         ("adamw", 1e-4, "first"): {"simplecil": (50.0, 40.0), "ranpac": (90.0, 85.0)},
     }
 
+    forgetting = {}  # (optimizer, lr, policy, host) -> forgetting over the frozen host's (0 unless set)
+
     def fake_run(make_backbone, tasks, collate, config):
         if config.methods == ("frozen",):
-            rows = {h: {"avg_acc": a, "last_acc": b} for h, (a, b) in frozen.items()}
+            rows = {h: {"avg_acc": a, "last_acc": b, "forgetting": 10.0} for h, (a, b) in frozen.items()}
         else:
             policy = config.adapt_modes()["simplecil"]
             assert set(config.adapt_modes().values()) == {policy}  # each run is one policy for every host
-            rows = {f"{h}+mist": {"avg_acc": a, "last_acc": b}
+            rows = {f"{h}+mist": {"avg_acc": a, "last_acc": b,
+                                  "forgetting": 10.0 + forgetting.get((config.optimizer, config.lr, policy, h), 0.0)}
                     for h, (a, b) in made_up[(config.optimizer, config.lr, policy)].items()}
         return {"methods": rows}
 
@@ -182,6 +186,22 @@ def test_select_recipe_takes_each_hosts_better_policy_and_the_best_backbone_on_a
     assert cli.select_recipe({}, args, None, None)[0] == {"optimizer": "sgd", "lr": 3e-3, "adapt": "first"}
     made_up[("adamw", 1e-4, "every")]["simplecil"] = (80.0, 90.0)  # +30, +5 -> 17.5: adamw, every for both
     assert cli.select_recipe({}, args, None, None)[0] == {"optimizer": "adamw", "lr": 1e-4, "adapt": "every"}
+    # forgetting beyond the frozen host's + 3 points: that policy loses to one within the bound, whatever its gains
+    forgetting[("adamw", 1e-4, "every", "simplecil")] = 3.5  # simplecil takes first (0): 2.5, both hosts within
+    assert cli.select_recipe({}, args, None, None)[0] == {"optimizer": "sgd", "lr": 3e-3, "adapt": "first"}
+    forgetting[("sgd", 3e-3, "first", "ranpac")] = 3.0  # the bound itself is within: unchanged
+    assert cli.select_recipe({}, args, None, None)[0] == {"optimizer": "sgd", "lr": 3e-3, "adapt": "first"}
+    forgetting[("sgd", 3e-3, "first", "ranpac")] = 3.01  # sgd 3e-3: ranpac every (-10) -> -2.5; sgd 1e-3 10.5
+    assert cli.select_recipe({}, args, None, None)[0] == {"optimizer": "sgd", "lr": 1e-3,
+                                                          "adapt": "simplecil=every,ranpac=first"}
+    # no simplecil policy of sgd 1e-3 within the bound: its better score (every, 20) is kept, but a backbone with
+    # both hosts within the bound wins whatever the means (adamw: simplecil first 0, ranpac every 5 -> 2.5)
+    forgetting[("sgd", 1e-3, "every", "simplecil")] = forgetting[("sgd", 1e-3, "first", "simplecil")] = 5.0
+    assert cli.select_recipe({}, args, None, None)[0] == {"optimizer": "adamw", "lr": 1e-4,
+                                                          "adapt": "simplecil=first,ranpac=every"}
+    trials = cli.select_recipe({}, args, None, None)[1]
+    assert {t["forgetting_gain"] for t in trials if (t["optimizer"], t["adapt"], t["host"]) ==
+            ("adamw", "every", "simplecil")} == {3.5}
 
 
 def test_library_and_cli_share_one_recipe():
