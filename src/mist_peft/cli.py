@@ -229,7 +229,7 @@ FORGETTING_SLACK = 3.0  # points of forgetting over the frozen host's that a cho
 
 def select_recipe(data, args, make_backbone, collate) -> tuple[dict, list[dict]]:
     """Choose the recipe on a validation split of the train data (the test split is not touched), by the rule of
-    `benchmarks/recipe_study.py`: every host+mist row scores the smaller of its Avg and Last gains over the frozen
+    `benchmarks/recipe_study.py` plus issue 9's forgetting bound: every host+mist row scores the smaller of its Avg and Last gains over the frozen
     host (issue 9's target: Avg up, Last not lower). Each backbone recipe runs under both adaptation policies;
     every host takes its better policy (a tie keeps the default, adapting before the first task only), where a
     policy that forgets more than FORGETTING_SLACK points beyond the frozen host loses to one that does not, and
