@@ -612,9 +612,12 @@ def ddp_worker(out_dir: str) -> None:
         steps += 1
     values = sum(float(p.detach().double().sum()) for n, p in model.named_parameters() if "mist_values" in n)
     Path(out_dir, f"rank{accelerator.process_index}.json").write_text(json.dumps({"steps": steps, "values": values}))
-    # tear the gloo group down before exit: left to interpreter shutdown it can abort a rank ("terminate called
-    # without an active exception", seen once in CI on a 2-core machine)
-    accelerator.end_training()
+    # Leave without tearing gloo down: on the 2-core CI machine its teardown once aborted a rank at interpreter
+    # shutdown ("terminate called without an active exception") and, with `end_training()`, once hung in
+    # destroy_process_group until the test's timeout (pytorch/pytorch#75097). The training is what this test
+    # checks; after a barrier both ranks have written their results, and the OS reclaims the rest.
+    accelerator.wait_for_everyone()
+    os._exit(0)
 
 
 @pytest.mark.slow
@@ -626,7 +629,7 @@ def test_ddp_without_find_unused_parameters_trains_a_model_with_an_empty_layer(t
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # ~10 s here
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["steps"] == 3 for r in ranks)
