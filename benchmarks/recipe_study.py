@@ -69,17 +69,14 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
     "sgd-1e-3-first-default": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse"},
     "sgd-1e-3-every-default": {"features": "simplecil=adapted,ranpac=fuse"},
     # the backbone adapted once, with a larger budget for that one adaptation (RanPAC's first-session policy)
-    "sgd-1e-3-first-default-30steps": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse",
-                                       "steps_per_task": 30},
+    "sgd-1e-3-first-default-30steps": _FIRST30,
     "sgd-3e-3-first-default": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse", "lr": 3e-3},
     # RanPAC's old statistics corrected by the change the drift makes to Gaussian draws, not rebuilt from them
     "sgd-1e-3-every-default-delta": {"features": "simplecil=adapted,ranpac=fuse", "ranpac_resynthesis": "delta"},
     # RanPAC's ridge validated with the earlier classes' statistics in the system. It changes the frozen RanPAC
     # too, so these rows are compared with their own frozen run (`baseline`); SimpleCIL does not read it.
     "frozen-ridge-all": {"ranpac_ridge": "all", "host": "ranpac"},
-    "sgd-1e-3-first-default-30steps-ridge-all": {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse",
-                                                 "steps_per_task": 30, "ranpac_ridge": "all", "host": "ranpac",
-                                                 "baseline": "frozen-ridge-all"},
+    "sgd-1e-3-first-default-30steps-ridge-all": _FIRST30_RIDGE_ALL,
     # the default (ridge all) with a larger budget for its one adaptation: RanPAC's Fashion-MNIST gain is its
     # last missed target (+0.6 to +0.7 Avg on the test runs)
     "sgd-1e-3-first-default-60steps-ridge-all": {**_FIRST30_RIDGE_ALL, "steps_per_task": 60},
