@@ -94,6 +94,12 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
     # a still larger learning rate: does the trend from 1e-3 to 3e-3 go on?
     "sgd-1e-2-first-default-30steps-ridge-all": {**_FIRST30_RIDGE_ALL, "lr": 1e-2},
     "sgd-1e-2-first-default-30steps-simplecil": {**_FIRST30, "lr": 1e-2, "host": "simplecil"},
+    # the default with the reference's dense bias and LayerNorm deltas (RanPAC's own first-session adaptation
+    # tunes scales and shifts, SSF): more plasticity where the 60-step default is closest to its targets
+    "sgd-3e-3-first-default-60steps-norms-ridge-all": {**_FIRST30_RIDGE_ALL, "lr": 3e-3, "steps_per_task": 60,
+                                                       "tune_biases_and_norms": True},
+    "sgd-3e-3-first-default-60steps-norms-simplecil": {**_FIRST30, "lr": 3e-3, "steps_per_task": 60,
+                                                       "tune_biases_and_norms": True, "host": "simplecil"},
 }
 RUN_ONLY = ("host", "baseline")  # recipe keys that choose what runs and what it is compared with
 TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
