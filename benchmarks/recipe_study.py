@@ -40,7 +40,8 @@ SUITES = {  # sized for a 2-core CPU; the validation split is 20% of these train
     "clinc150": ["--dataset", "clinc150", "--train-per-class", "20", "--batch-size", "32"],
 }
 BASE = {"optimizer": "sgd", "lr": 1e-3, "adapt": "every", "steps_per_task": 10, "density": 0.05, "grad_drop": 0.9,
-        "features": "adapted", "drift_anchor": "previous", "ranpac_resynthesis": "full", "ranpac_ridge": "task"}
+        "features": "adapted", "drift_anchor": "previous", "ranpac_resynthesis": "full", "ranpac_ridge": "task",
+        "tune_biases_and_norms": False}
 _FIRST30 = {"adapt": "first", "features": "simplecil=adapted,ranpac=fuse", "steps_per_task": 30}
 _FIRST30_RIDGE_ALL = {**_FIRST30, "ranpac_ridge": "all", "host": "ranpac", "baseline": "frozen-ridge-all"}
 RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, weight decay 5e-4)

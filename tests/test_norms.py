@@ -320,9 +320,10 @@ def test_continual_flag_reaches_mist_through_adapt_backbone_and_train_mist():
     from mist_peft.cli import build_parser, make_config
     from mist_peft.continual.runner import adapt_backbone
 
-    config = make_config(build_parser().parse_args(["continual", "--tune-biases-and-norms", "--steps-per-task", "3",
+    config = make_config(build_parser().parse_args(["continual", "--steps-per-task", "3",
                                                     "--score-batches", "1", "--lr", "1e-2", "--grad-drop", "0.5"]))
-    assert config.tune_biases_and_norms and not make_config(build_parser().parse_args(["continual"])).tune_biases_and_norms
+    off = make_config(build_parser().parse_args(["continual", "--no-tune-biases-and-norms"]))
+    assert config.tune_biases_and_norms and not off.tune_biases_and_norms  # on by default in the continual job
     base = MODELS["bert"]()
     before = {k: v.detach().clone() for k, v in base.state_dict().items()}
     loader = DataLoader(synthetic_rows(48), batch_size=16, collate_fn=collate_rows)
