@@ -101,6 +101,11 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
                                                        "tune_biases_and_norms": True},
     "sgd-3e-3-first-default-60steps-norms-simplecil": {**_FIRST30, "lr": 3e-3, "steps_per_task": 60,
                                                        "tune_biases_and_norms": True, "host": "simplecil"},
+    # the default (60 steps, biases and norms) with twice the steps: does the trend from 30 to 60 go on?
+    "sgd-3e-3-first-default-120steps-norms-ridge-all": {**_FIRST30_RIDGE_ALL, "lr": 3e-3, "steps_per_task": 120,
+                                                        "tune_biases_and_norms": True},
+    "sgd-3e-3-first-default-120steps-norms-simplecil": {**_FIRST30, "lr": 3e-3, "steps_per_task": 120,
+                                                        "tune_biases_and_norms": True, "host": "simplecil"},
 }
 RUN_ONLY = ("host", "baseline")  # recipe keys that choose what runs and what it is compared with
 TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
