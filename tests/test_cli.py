@@ -213,4 +213,4 @@ def test_library_and_cli_share_one_recipe():
     differ = {f.name for f in dataclasses.fields(ContinualConfig) if getattr(cli, f.name) != getattr(library, f.name)}
     assert differ <= run_settings, differ - run_settings
     assert (library.steps_per_task, library.optimizer, library.lr, library.adapt, library.ranpac_ridge,
-            library.tune_biases_and_norms) == (60, "sgd", 3e-3, "first", "all", True)
+            library.tune_biases_and_norms) == (120, "sgd", 3e-3, "first", "all", True)

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run MIST before every task or the first only, for every host or per host, e.g. "
                         "simplecil=every,ranpac=first (one backbone trajectory per policy). Default: chosen with "
                         "--steps-per-task on validation splits of three data sets")
-    p.add_argument("--steps-per-task", type=int, default=60, help="MIST optimizer steps per adapted task")
+    p.add_argument("--steps-per-task", type=int, default=120, help="MIST optimizer steps per adapted task")
     p.add_argument("--score-batches", type=int, default=0,
                    help="cap on MI-Fisher scoring batches (0: one full pass over the task's train data)")
     p.add_argument("--batch-size", type=int, default=16)
