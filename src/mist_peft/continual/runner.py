@@ -77,7 +77,7 @@ class ContinualConfig:
     density: float = 0.05
     grad_drop: float = 0.9
     optimizer: str = "sgd"
-    lr: float = 3e-3  # chosen on validation splits (README: the default over 3 seeds)
+    lr: float = 3e-3  # chosen on validation splits (README, "How the default was chosen")
     momentum: float = 0.9
     weight_decay: float = 5e-4
     full_lr: float = 1e-5
@@ -96,7 +96,8 @@ class ContinualConfig:
     frozen_quantile: float | None = None
     exclude_modules: Sequence[str] = field(default_factory=lambda: ["pooler.dense"])
     # MISTConfig.tune_biases_and_norms (the reference's behaviour; off in MISTConfig): dense bias and LayerNorm
-    # deltas beside the sparse ones raised both hosts' gains on every validation cell (README, "Biases and norms")
+    # deltas beside the sparse ones raised both hosts' gains on every validation cell
+    # (README, "How the default was chosen")
     tune_biases_and_norms: bool = True
     seed: int = 0
 
