@@ -38,6 +38,17 @@ SUITES = {  # data sizes only: every suite runs the CLI's own recipe (sized for 
     "fashion": ["--dataset", "fashion_mnist", "--train-per-class", "80", "--test-per-class", "200"],
 }
 KEYS = ("avg_acc", "last_acc", "forgetting", "new_task_acc", "changed_fraction", "seconds")
+# Issue 9's per-seed targets for an adapted row against its frozen host: (label, paired key, lowest, highest).
+TARGETS = (("Avg >= frozen + 1.0", "avg_acc", 1.0, None), ("Last >= frozen", "last_acc", 0.0, None),
+           ("forgetting <= frozen + 3", "forgetting", None, 3.0))
+
+
+def targets_met(paired: dict[str, list[float]]) -> dict[str, int]:
+    """How many seeds meet each target (differences rounded to 1e-6 so that a tie counts as met)."""
+    def ok(d: float, low: float | None, high: float | None) -> bool:
+        d = round(d, 6)
+        return (low is None or d >= low) and (high is None or d <= high)
+    return {label: sum(ok(d, low, high) for d in paired[key]) for label, key, low, high in TARGETS}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -58,6 +69,7 @@ def summarise(per_seed: list[dict]) -> dict[str, dict]:
             frozen = [r["methods"][host] for r in per_seed]
             entry["paired"] = {k: [a[k] - f[k] for a, f in zip(rows, frozen, strict=True)]
                                for k in ("avg_acc", "last_acc", "forgetting")}
+            entry["targets_met"] = targets_met(entry["paired"])
         if all("oracle" in r for r in rows):
             entry["oracle_avg_acc"], _ = mean_std([r["oracle"]["avg_acc"] for r in rows])
             entry["oracle_last_acc"], _ = mean_std([r["oracle"]["last_acc"] for r in rows])
@@ -88,6 +100,10 @@ def table(summary: dict[str, dict], seeds: int) -> str:
         oracle = f"{r['oracle_avg_acc']:.2f} / {r['oracle_last_acc']:.2f}" if "oracle_avg_acc" in r else ""
         closed = f"{100 * r['gap_closed']:.0f}%" if r.get("gap_closed") is not None else ""
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {oracle} | {closed} |")
+    lines += ["", f"Seeds (of {seeds}) meeting each of issue 9's per-seed targets:", "",
+              "| method | " + " | ".join(label for label, *_ in TARGETS) + " |", "|---|" + "---:|" * len(TARGETS)]
+    lines += [f"| {name} | " + " | ".join(str(r["targets_met"][label]) for label, *_ in TARGETS) + " |"
+              for name, r in summary.items() if "targets_met" in r]
     return "\n".join(lines)
 
 
@@ -107,8 +123,24 @@ def run_seed(args, seed: str, out: Path) -> dict:
         [*base, "--methods", "mist", "--adapt", single or ",".join(f"{h}={m}" for h, m in other.items()),
          "--output-dir", str(out / f"seed{seed}-{folder}")])
     first = reusable_first(first_args) if args.reuse_first and folder == "first" else None
-    first = first or continual(first_args)
-    every["methods"].update({f"{n}[{other[n.split('+')[0]]}]": r for n, r in first["methods"].items()})
+    return merge_other_policy(every, first or continual(first_args))
+
+
+def merge_other_policy(every: dict, other: dict) -> dict:
+    """Add the rows of a run with the other adapt policy to `every`, each labelled with its policy: `name[first]`."""
+    adapt = other["config"]["adapt"]
+    mode = {h: adapt if isinstance(adapt, str) else adapt[h] for h in other["config"]["hosts"]}
+    every["methods"].update({f"{n}[{mode[n.split('+')[0]]}]": r for n, r in other["methods"].items()})
+    return every
+
+
+def load_seed(out: Path, seed: str) -> dict:
+    """A seed's stored results as `run_seed` returned them (for --summarise)."""
+    every = json.loads((out / f"seed{seed}" / "results.json").read_text())
+    for folder in ("first", "every", "other-adapt"):
+        path = out / f"seed{seed}-{folder}" / "results.json"
+        if path.exists():
+            merge_other_policy(every, json.loads(path.read_text()))
     return every
 
 
@@ -141,10 +173,13 @@ def main() -> None:
     p.add_argument("--reuse-first", action="store_true",
                    help="reuse an earlier --adapt first run of a seed when only drift options changed since")
     p.add_argument("--output-dir", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--summarise", action="store_true",
+                   help="run nothing: rebuild summary.md/.json and the plot from the seeds' stored results.json")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further `mist-peft continual` flags, after --")
     args = p.parse_args()
     out = Path(args.output_dir) / f"continual_{args.suite}"
-    per_seed = [run_seed(args, seed, out) for seed in args.seeds.split(",")]
+    seeds = args.seeds.split(",")
+    per_seed = [load_seed(out, s) for s in seeds] if args.summarise else [run_seed(args, s, out) for s in seeds]
     summary = summarise(per_seed)
     md = table(summary, len(per_seed))
     (out / "summary.json").write_text(json.dumps({"suite": args.suite, "seeds": args.seeds, "summary": summary,

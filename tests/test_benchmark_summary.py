@@ -1,0 +1,56 @@
+"""`benchmarks/continual.py`'s summary: the per-seed target counts the README quotes, and `--summarise` rebuilding a
+summary from stored per-seed results exactly as the run that wrote them did."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "continual.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("continual_benchmark", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(avg, last, forgetting):
+    return {"avg_acc": avg, "last_acc": last, "forgetting": forgetting, "new_task_acc": avg,
+            "changed_fraction": 0.0, "seconds": 1.0, "acc_matrix": [[avg]]}
+
+
+def test_targets_count_ties_as_met_and_misses_by_a_hair(bench):
+    paired = {"avg_acc": [1.0, 0.95, 2.0], "last_acc": [-1e-9, -0.25, 3.0], "forgetting": [3.0, 3.01, -5.0]}
+    assert bench.targets_met(paired) == {"Avg >= frozen + 1.0": 2, "Last >= frozen": 2, "forgetting <= frozen + 3": 2}
+
+
+def test_summarise_from_stored_seeds_matches_the_run(bench, tmp_path):
+    out = tmp_path / "continual_image"
+    config = {"adapt": "every", "hosts": ["simplecil", "ranpac"]}
+    runs = {"1993": (row(50, 40, 10), row(60, 45, 14), row(90, 88, 5), row(90.5, 88, 4)),
+            "1994": (row(52, 41, 12), row(52.5, 42, 12), row(91, 89, 4), row(93, 90, 8))}
+    for seed, (s, sm, r, rm) in runs.items():
+        (out / f"seed{seed}").mkdir(parents=True)
+        (out / f"seed{seed}" / "results.json").write_text(json.dumps({"config": config, "methods": {
+            "simplecil": s, "simplecil+mist": sm, "ranpac": r, "ranpac+mist": rm}}))
+    for seed, adapt in (("1993", {"simplecil": "first", "ranpac": "first"}), ("1994", "first")):
+        (out / f"seed{seed}-first").mkdir()
+        (out / f"seed{seed}-first" / "results.json").write_text(json.dumps({"config": {**config, "adapt": adapt},
+            "methods": {"simplecil+mist": row(70, 50, 9), "ranpac+mist": row(92, 90, 3)}}))
+
+    first = bench.load_seed(out, "1993")
+    assert sorted(first["methods"]) == ["ranpac", "ranpac+mist", "ranpac+mist[first]", "simplecil", "simplecil+mist",
+                                        "simplecil+mist[first]"]
+    summary = bench.summarise([bench.load_seed(out, s) for s in runs])
+    assert summary["simplecil+mist"]["paired"] == {"avg_acc": [10, 0.5], "last_acc": [5, 1], "forgetting": [4, 0]}
+    assert summary["simplecil+mist"]["targets_met"] == {"Avg >= frozen + 1.0": 1, "Last >= frozen": 2,
+                                                         "forgetting <= frozen + 3": 1}
+    assert summary["ranpac+mist"]["targets_met"] == {"Avg >= frozen + 1.0": 1, "Last >= frozen": 2,
+                                                      "forgetting <= frozen + 3": 1}
+    assert summary["simplecil+mist[first]"]["paired"]["avg_acc"] == [20, 18]
+    table = bench.table(summary, 2)
+    assert "| simplecil+mist | 1 | 2 | 1 |" in table and "| ranpac+mist | 1 | 2 | 1 |" in table
