@@ -106,6 +106,10 @@ RECIPES = {  # name -> changes to BASE (the reference recipe, SGD momentum 0.9, 
                                                         "tune_biases_and_norms": True},
     "sgd-3e-3-first-default-120steps-norms-simplecil": {**_FIRST30, "lr": 3e-3, "steps_per_task": 120,
                                                         "tune_biases_and_norms": True, "host": "simplecil"},
+    # RanPAC on the adapted features alone: fusion was chosen when the backbone moved before every task and the
+    # per-task ridge could collapse; with one adaptation nothing drifts and the old-class ridge holds the head
+    "sgd-3e-3-first-120steps-norms-ridge-all-adapted": {**_FIRST30_RIDGE_ALL, "lr": 3e-3, "steps_per_task": 120,
+                                                        "tune_biases_and_norms": True, "features": "adapted"},
 }
 RUN_ONLY = ("host", "baseline")  # recipe keys that choose what runs and what it is compared with
 TIE = 0.5  # points: worst cells this close count as equal when choosing a host's features
