@@ -11,6 +11,7 @@ from mist_peft.continual.hosts import RanPAC, SimpleCIL
 from mist_peft.continual.runner import ContinualConfig, run_continual
 from mist_peft.continual.scenarios import class_incremental
 from mist_peft.encoders import image_collate
+from mist_peft.training import train_mist
 
 
 def recording(host_class, log):
@@ -211,3 +212,27 @@ def test_one_hosts_features_do_not_change_another_hosts_rows(mnist_tasks, monkey
         rows.append(run_continual(lambda: assets.load_vit(28), mnist_tasks, image_collate(28), config)["methods"])
     assert rows[0]["simplecil+mist"]["acc_matrix"] == rows[1]["simplecil+mist"]["acc_matrix"]
     assert [r["ranpac+mist"]["features"] for r in rows] == ["adapted", "fuse"]  # the option did reach RanPAC
+
+
+def test_cross_task_options_reach_each_mi_fisher_adapter_with_one_state_across_tasks(mnist_tasks, monkeypatch):
+    """`--frozen-quantile/--overlap-decay`: every MI-Fisher adapter's MISTConfig records them (so a saved adapter
+    says how it was selected) and one state is carried through the tasks; the random subset takes neither."""
+    calls = []
+
+    def spy(model, *args, cross_task=None, **kwargs):
+        config = model.peft_config["default"]
+        calls.append((config.selection, config.frozen_quantile, config.overlap_decay, cross_task))
+        frozen_before = sum(int(f.sum()) for f in cross_task.frozen.values()) if cross_task else 0
+        result = train_mist(model, *args, cross_task=cross_task, **kwargs)
+        if cross_task is not None:
+            assert sum(int(f.sum()) for f in cross_task.frozen.values()) > frozen_before  # the task froze entries
+        return result
+
+    monkeypatch.setattr(runner, "train_mist", spy)
+    config = ContinualConfig(adapt="every", hosts=("simplecil",), methods=("mist", "mist-random"), steps_per_task=2,
+                             batch_size=8, lr=1e-2, frozen_quantile=1.0, overlap_decay=0.9, seed=0)
+    run_continual(lambda: assets.load_vit(28), mnist_tasks, image_collate(28), config)
+    fisher = [c for c in calls if c[0] == "mi_fisher"]
+    assert [c[:3] for c in fisher] == [("mi_fisher", 1.0, 0.9)] * 2
+    assert fisher[0][3] is fisher[1][3] is not None
+    assert [c for c in calls if c[0] == "random"] == [("random", None, None, None)] * 2

@@ -13,6 +13,19 @@ SELECTIONS = ("magnitude", "random", "mi_fisher", "fisher")
 GRANULARITIES = ("per_tensor", "global")
 
 
+def check_cross_task(frozen_quantile: float | None, overlap_decay: float | None, where: str) -> None:
+    """The one range check of the reference's cross-task parameters (`MISTConfig` and `CrossTaskState`)."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if frozen_quantile is not None and not (number(frozen_quantile) and 0.0 <= frozen_quantile <= 1.0):
+        raise ValueError(f"{where}.frozen_quantile={frozen_quantile!r} is invalid: it must be in [0, 1] "
+                         "(reference: 1.0 or 0.9995), or None to switch it off.")
+    if overlap_decay is not None and not (number(overlap_decay) and 0.0 < overlap_decay <= 1.0):
+        raise ValueError(f"{where}.overlap_decay={overlap_decay!r} is invalid: it must be in (0, 1] "
+                         "(reference: 0.9), or None to switch it off.")
+
+
 @dataclass
 class MISTConfig(PeftConfig):
     """Configuration of a MIST adapter (sparse deltas over selected entries of frozen base weights).
@@ -71,6 +84,20 @@ class MISTConfig(PeftConfig):
                   "scored, and the gradient dropout still applies. The reference does this; off by default "
                   "(MIST_SPEC 'Decisions')."},
     )
+    frozen_quantile: float | None = field(
+        default=None,
+        metadata={"help": "selection='mi_fisher' over a sequence of tasks (the reference's frozen set, MIST_SPEC "
+                  "§3.7): after each task, the entries at or above this per-tensor quantile of the task's scores "
+                  "are frozen, and their scores are zeroed before every later task's selection (reference: 1.0, "
+                  "the maximum plus ties, or 0.9995). The set lives in a `scoring.CrossTaskState` that you carry "
+                  "from task to task (`cross_task=` of `train_mist`, `MISTTrainer`, `select_mi_fisher`). None: off."},
+    )
+    overlap_decay: float | None = field(
+        default=None,
+        metadata={"help": "selection='mi_fisher' over a sequence of tasks (MIST_SPEC §3.7): a selected entry's "
+                  "gradient is multiplied by overlap_decay**C, C the number of earlier tasks that selected it "
+                  "(reference: 0.9), counted in the same carried `CrossTaskState`. None: off."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the random selection and the gradient-dropout draws."})
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained densely and saved whole (e.g. a classifier head)."}
@@ -92,6 +119,11 @@ class MISTConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
+
+    @property
+    def uses_cross_task(self) -> bool:
+        """Whether the reference's cross-task state (frozen set, overlap decay) is on for this adapter."""
+        return self.frozen_quantile is not None or self.overlap_decay is not None
 
     def _validate(self) -> None:
         def bad(name: str, value: object, valid: str) -> ValueError:
@@ -120,6 +152,10 @@ class MISTConfig(PeftConfig):
                 "chosen, and a global top-k sizes each layer's values only then; use granularity='per_tensor', or "
                 "selection='mi_fisher' through train_mist / MISTTrainer",
             )
+        check_cross_task(self.frozen_quantile, self.overlap_decay, "MISTConfig")
+        if self.uses_cross_task and self.selection != "mi_fisher":
+            raise bad("selection", self.selection, "frozen_quantile and overlap_decay act on MIST's MI-Fisher "
+                      "scores across tasks; use selection='mi_fisher', or leave both None")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise bad("seed", self.seed, "it must be an integer")
         if self.layers_pattern and self.layers_to_transform is None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import MISTConfig, check_cross_task
 from .layer import MISTLayer
 from .objectives import MIObjective
 from .selection import install_selection, mist_layers, top_entries
@@ -107,7 +108,9 @@ class CrossTaskState:
       RanPAC file). Frozen entries' scores are zeroed before selection in every later task, as in the reference.
     - `overlap_decay`: a selected entry's gradient is multiplied by decay**C, C = earlier tasks that
       selected it (reference: 0.9).
-    Costs one bool (frozen) and one uint8 (counts) per targeted weight, only when switched on.
+    Costs one bool (frozen) and one uint8 (counts) per targeted weight, only when switched on. The parameters are
+    also `MISTConfig` fields: `CrossTaskState.from_config(config)` makes the state, and a selection checks that
+    the two agree.
     """
 
     frozen_quantile: float | None = None
@@ -116,12 +119,13 @@ class CrossTaskState:
     counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.frozen_quantile is not None and not 0.0 <= self.frozen_quantile <= 1.0:
-            raise ValueError(f"CrossTaskState.frozen_quantile={self.frozen_quantile!r} is invalid: it must be in "
-                             "[0, 1] (reference: 1.0 or 0.9995), or None to switch it off.")
-        if self.overlap_decay is not None and not 0.0 < self.overlap_decay <= 1.0:
-            raise ValueError(f"CrossTaskState.overlap_decay={self.overlap_decay!r} is invalid: it must be in "
-                             "(0, 1] (reference: 0.9), or None to switch it off.")
+        check_cross_task(self.frozen_quantile, self.overlap_decay, "CrossTaskState")
+
+    @classmethod
+    def from_config(cls, config: MISTConfig) -> CrossTaskState:
+        """An empty state with the adapter config's parameters: make it before the first task, pass the same
+        object to every later task's selection."""
+        return cls(frozen_quantile=config.frozen_quantile, overlap_decay=config.overlap_decay)
 
     def update(self, scores: Mapping[str, torch.Tensor], chosen: Mapping[str, torch.Tensor]) -> None:
         for name, s in scores.items():
@@ -132,6 +136,19 @@ class CrossTaskState:
                 counts = self.counts.setdefault(name, torch.zeros(s.shape, dtype=torch.uint8, device=s.device))
                 flat_counts = counts.view(-1)
                 flat_counts[chosen[name]] = (flat_counts[chosen[name]] + 1).clamp_max(255)
+
+    def bind(self, config: MISTConfig) -> None:
+        """Check that this state and the adapter's config agree; a config that leaves both parameters unset takes
+        the state's, so the saved adapter config records what the selection used."""
+        mine = (self.frozen_quantile, self.overlap_decay)
+        if not config.uses_cross_task:
+            config.frozen_quantile, config.overlap_decay = mine
+        elif (config.frozen_quantile, config.overlap_decay) != mine:
+            raise ValueError(
+                f"cross_task has frozen_quantile={mine[0]!r}, overlap_decay={mine[1]!r} but the adapter's MISTConfig "
+                f"has frozen_quantile={config.frozen_quantile!r}, overlap_decay={config.overlap_decay!r}: make the "
+                "state with CrossTaskState.from_config(config) before the first task and pass that same object on."
+            )
 
     def grad_scale(self, name: str, indices: torch.Tensor) -> torch.Tensor | None:
         if self.overlap_decay is None or name not in self.counts:
@@ -147,7 +164,8 @@ def select_mi_fisher(model: nn.Module, objective: MIObjective, dataloader: Itera
     """Score, pick the top `density` (per tensor or global, from the adapter's config) and install it.
 
     `exclude` maps weight names to boolean masks of entries that may not be selected. `cross_task` applies
-    and then updates the frozen set and overlap decay of earlier tasks. `cache_file` stores the scores; a
+    and then updates the frozen set and overlap decay of earlier tasks (required when the adapter's config sets
+    `frozen_quantile` or `overlap_decay`; it must agree with them). `cache_file` stores the scores; a
     later call with the same layers reuses them. Returns the installed indices by weight name.
     """
     adapter_name = adapter_name or active_adapter(model)
@@ -155,6 +173,15 @@ def select_mi_fisher(model: nn.Module, objective: MIObjective, dataloader: Itera
     layers = adapter_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"The model has no MIST layers for adapter '{adapter_name}'.")
+    if cross_task is not None:
+        cross_task.bind(config)
+    elif config.uses_cross_task:
+        raise ValueError(
+            f"Adapter '{adapter_name}' sets frozen_quantile={config.frozen_quantile!r} / overlap_decay="
+            f"{config.overlap_decay!r}, whose frozen set and selection counts must be carried from task to task: "
+            "make `state = CrossTaskState.from_config(config)` before the first task and pass `cross_task=state` "
+            "to every task's train_mist / MISTTrainer / select_mi_fisher."
+        )
     shapes = {name: tuple(m.get_base_layer().weight.shape) for name, m in layers.items()}
     scores = _load_cache(cache_file, shapes)
     if scores is None:

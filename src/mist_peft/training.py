@@ -138,7 +138,8 @@ def train_mist(model: nn.Module, dataloader: Iterable, *, head: nn.Module | None
     """Select (if needed) and tune a MIST model with the MI loss; returns {"head", "history", "steps"}.
 
     `cross_task` (a `scoring.CrossTaskState`, kept by the caller across tasks) applies the reference's frozen
-    set and overlap decay to the selection.
+    set and overlap decay to the selection; it is required when the adapter's `MISTConfig` sets
+    `frozen_quantile` or `overlap_decay` (make it with `CrossTaskState.from_config(config)` before the first task).
 
     Runs unchanged on one process or under `accelerate launch`: scores are summed across processes, the
     dropout subset is drawn identically everywhere, and gradients are averaged by DDP. Honours the
@@ -269,12 +270,13 @@ class MISTTrainer(Trainer):
     mean over the batch, so the Trainer divides it by the accumulation steps like any mean loss: logged loss,
     update size and `max_grad_norm` do not depend on `gradient_accumulation_steps`. Checkpoints hold the head
     and the dropout clock (`mist_head.safetensors`), so `train(resume_from_checkpoint=...)` continues the run.
+    `cross_task=` carries the reference's frozen set and overlap decay between tasks, as in `train_mist`.
     """
 
     loss_is_scaled_for_ga = False  # a batch mean: the Trainer divides it by the accumulation steps
 
     def __init__(self, *args, mist_config: MISTTrainingConfig | None = None, head: nn.Module | None = None,
-                 views=None, **kwargs) -> None:
+                 views=None, cross_task=None, **kwargs) -> None:
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("MISTTrainer computes the MI loss itself; drop `compute_loss_func`, or use a plain "
                              "Trainer with `MISTCallback` for your own loss.")
@@ -282,6 +284,7 @@ class MISTTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # no `num_items_in_batch`: the MI loss is not a token sum
         self.mist_config = mist_config or MISTTrainingConfig(lr=self.args.learning_rate)
         self.objective = build_objective(self.model, self.mist_config, head, views).to(self.args.device)
+        self.cross_task = cross_task  # a scoring.CrossTaskState carried across tasks, as in train_mist
         self.add_callback(MISTCallback())
         self.add_callback(_ZeroHeadGrads(self.objective.head))
         self._kept_shares: list[float] = []
@@ -301,7 +304,8 @@ class MISTTrainer(Trainer):
             load_head(self.objective.head, self.model, head_file)  # the adapter itself is loaded by the Trainer
         elif needs_selection(self.model, adapter):
             select_mi_fisher(self.model, self.objective, self.get_train_dataloader(), adapter_name=adapter,
-                             accelerator=self.accelerator, max_batches=self.mist_config.max_score_batches)
+                             accelerator=self.accelerator, max_batches=self.mist_config.max_score_batches,
+                             cross_task=self.cross_task)
             self.optimizer = None  # the values were re-created with their selected sizes
         return super().train(resume_from_checkpoint or None, *args, **kwargs)
 

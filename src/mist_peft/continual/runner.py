@@ -184,13 +184,16 @@ def adapt_backbone(backbone: nn.Module, method: str, loader: DataLoader, config:
         result = train_mist(model, loader, head=head, config=train_config, accelerator=accelerator)
         return model.merge_and_unload(), result["head"]
     selection = {"mist-random": "random", "mist-magnitude": "magnitude"}.get(method, "mi_fisher")
+    cross_task = cross_task if selection == "mi_fisher" else None
     model = get_peft_model(backbone, MISTConfig(
         target_modules="all-linear", exclude_modules=exclude, density=config.density,
         grad_drop=0.0 if method == "mist-nodrop" else config.grad_drop, selection=selection,
         tune_biases_and_norms=config.tune_biases_and_norms,
+        frozen_quantile=cross_task.frozen_quantile if cross_task else None,
+        overlap_decay=cross_task.overlap_decay if cross_task else None,
         seed=config.seed + task_index))  # a fresh random subset (and dropout stream) per task, like MI-Fisher's
     result = train_mist(model, loader, head=head, config=train_config, accelerator=accelerator,
-                        cross_task=cross_task if selection == "mi_fisher" else None)
+                        cross_task=cross_task)
     return model.merge_and_unload(), result["head"]
 
 
