@@ -9,10 +9,11 @@ recomputed with the current backbone: not exemplar-free, a diagnostic) and the p
     python benchmarks/continual.py --suite image --methods frozen,mist,lora,full,mist-ce --no-first --no-diagnostics \
         --output-dir benchmarks/results/ablations   # ablations
 
-Every seed runs the CLI's recipe with --diagnostics (rows host+mist@none / @sdc share the backbone of
-host+mist, so their differences are drift compensation alone), and once more with each host's other adapt policy
-(rows host+mist[first] for a host that adapts before every task, host+mist[every] for one that adapts before the
-first only). Suites are sized for a 2-core CPU (see SUITES).
+Every seed runs the CLI's recipe, and once more with each host's other adapt policy (rows host+mist[first] for a
+host that adapts before every task, host+mist[every] for one that adapts before the first only), both with
+--diagnostics: on a run whose backbone moves before every task, rows host+mist@none / @sdc share the backbone of
+host+mist, so their differences are drift compensation alone, and the oracle recomputes every old statistic with the
+current backbone. Suites are sized for a 2-core CPU (see SUITES).
 """
 
 from __future__ import annotations
@@ -121,16 +122,22 @@ def run_seed(args, seed: str, out: Path) -> dict:
     folder = single or "other-adapt"
     first_args = build_parser().parse_args(
         [*base, "--methods", "mist", "--adapt", single or ",".join(f"{h}={m}" for h, m in other.items()),
-         "--output-dir", str(out / f"seed{seed}-{folder}")])
+         *diagnostics, "--output-dir", str(out / f"seed{seed}-{folder}")])
     first = reusable_first(first_args) if args.reuse_first and folder == "first" else None
     return merge_other_policy(every, first or continual(first_args))
 
 
 def merge_other_policy(every: dict, other: dict) -> dict:
-    """Add the rows of a run with the other adapt policy to `every`, each labelled with its policy: `name[first]`."""
+    """Add the rows of a run with the other adapt policy to `every`, each labelled with its policy before any
+    compensation suffix: `name[first]`, `name[every]@none` (so `name[every]@none` is that row's stale twin)."""
     adapt = other["config"]["adapt"]
     mode = {h: adapt if isinstance(adapt, str) else adapt[h] for h in other["config"]["hosts"]}
-    every["methods"].update({f"{n}[{mode[n.split('+')[0]]}]": r for n, r in other["methods"].items()})
+
+    def label(name: str) -> str:
+        row, at, compensation = name.partition("@")
+        return f"{row}[{mode[row.split('+')[0]]}]{at}{compensation}"
+
+    every["methods"].update({label(n): r for n, r in other["methods"].items()})
     return every
 
 

@@ -54,3 +54,20 @@ def test_summarise_from_stored_seeds_matches_the_run(bench, tmp_path):
     assert summary["simplecil+mist[first]"]["paired"]["avg_acc"] == [20, 18]
     table = bench.table(summary, 2)
     assert "| simplecil+mist | 1 | 2 | 1 |" in table and "| ranpac+mist | 1 | 2 | 1 |" in table
+
+
+def test_the_other_policys_diagnostic_rows_keep_their_policy_and_close_a_gap(bench):
+    """With `--adapt first` the default, the every-task run brings the drift diagnostics: its stale twin must be
+    found under the same policy label, or the share of the oracle gap closed is lost from the summary."""
+    every = row(80, 70, 10) | {"oracle": row(85, 76, 8)}
+    runs = [{"config": {"adapt": "first", "hosts": ["simplecil"]}, "methods": {
+        "simplecil": row(50, 40, 10), "simplecil+mist": row(70, 60, 9)}} for _ in range(2)]
+    for run, stale in zip(runs, (64, 66), strict=True):
+        bench.merge_other_policy(run, {"config": {"adapt": "every", "hosts": ["simplecil"]}, "methods": {
+            "simplecil+mist": every, "simplecil+mist@none": row(75, stale, 12), "simplecil+mist@sdc": row(78, 68, 11)}})
+    assert sorted(runs[0]["methods"]) == ["simplecil", "simplecil+mist", "simplecil+mist[every]",
+                                          "simplecil+mist[every]@none", "simplecil+mist[every]@sdc"]
+    summary = bench.summarise(runs)
+    assert summary["simplecil+mist[every]"]["gap_closed"] == pytest.approx((6 + 4) / (12 + 10))
+    assert summary["simplecil+mist[every]@none"]["paired"]["last_acc"] == [24, 26]
+    assert "gap_closed" not in summary["simplecil+mist"]  # nothing drifts on the first-task run
