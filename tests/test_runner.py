@@ -142,6 +142,26 @@ def test_features_option_is_checked():
         ContinualConfig(drift_anchor="first")
 
 
+def test_a_host_left_out_of_a_per_host_option_keeps_that_options_default():
+    """`--adapt ranpac=every` must leave SimpleCIL on the default policy (it used to fall back to "every", the
+    default of an earlier recipe), and the same for every per-host option."""
+    from mist_peft.cli import build_parser, make_config
+
+    def modes(*flags):
+        config = make_config(build_parser().parse_args(["continual", *flags, "--output-dir", "unused"]))
+        return (config.adapt_modes(), config.compensation_modes(), config.feature_modes(), config.anchor_modes())
+
+    default = modes()
+    assert default == ({"simplecil": "first", "ranpac": "first"}, {"simplecil": "linear", "ranpac": "linear"},
+                       {"simplecil": "adapted", "ranpac": "fuse"}, {"simplecil": "previous", "ranpac": "previous"})
+    for i, (flag, value) in enumerate((("--adapt", "every"), ("--drift-compensation", "sdc"),
+                                       ("--features", "concat"), ("--drift-anchor", "pretrained"))):
+        for host, other in (("simplecil", "ranpac"), ("ranpac", "simplecil")):
+            got = modes(flag, f"{host}={value}")
+            assert got[i] == {host: value, other: default[i][other]}
+            assert got[:i] + got[i + 1:] == default[:i] + default[i + 1:]
+
+
 def test_cli_features_flag_reaches_the_config():
     from mist_peft.cli import build_parser, make_config
 
@@ -191,13 +211,13 @@ def test_per_host_adapt_policies_run_one_trajectory_each_with_the_single_policy_
 
     with pytest.raises(ValueError, match="different adapt policies"):
         runner.run_method("mist", make_backbone, mnist_tasks, image_collate(28),
-                          ContinualConfig(hosts=("simplecil", "ranpac"), adapt={"simplecil": "first"}))
+                          ContinualConfig(hosts=("simplecil", "ranpac"), adapt={"ranpac": "every"}))
     with pytest.raises(ValueError, match="adapt='sometimes'.*every"):
         ContinualConfig(adapt="sometimes")
     from mist_peft.cli import build_parser, make_config
 
-    assert make_config(build_parser().parse_args(["continual", "--adapt", "simplecil=first"])).adapt_modes() == \
-        {"simplecil": "first", "ranpac": "every"}
+    assert make_config(build_parser().parse_args(["continual", "--adapt", "simplecil=every"])).adapt_modes() == \
+        {"simplecil": "every", "ranpac": "first"}  # a host left out keeps the default policy
 
 
 def test_one_hosts_features_do_not_change_another_hosts_rows(mnist_tasks, monkeypatch):

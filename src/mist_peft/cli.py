@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/continual")
     p.add_argument("--adapt", default="first",
                    help="run MIST before every task or the first only, for every host or per host, e.g. "
-                        "simplecil=every,ranpac=first (one backbone trajectory per policy). Default: chosen with "
+                        "simplecil=every,ranpac=first (one backbone trajectory per policy; a host left out keeps "
+                        "the default). Default: chosen with "
                         "--steps-per-task on validation splits of three data sets")
     p.add_argument("--steps-per-task", type=int, default=120, help="MIST optimizer steps per adapted task")
     p.add_argument("--score-batches", type=int, default=0,

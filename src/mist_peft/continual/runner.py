@@ -126,26 +126,29 @@ class ContinualConfig:
 
     def adapt_modes(self) -> dict[str, str]:
         """When every host's backbone is adapted (`ADAPT`)."""
-        return _per_host(self.adapt, "every")
+        return self._per_host("adapt")
 
     def compensation_modes(self) -> dict[str, str]:
         """Drift compensation mode of every host."""
-        return _per_host(self.drift_compensation, "none")
+        return self._per_host("drift_compensation")
 
     def feature_modes(self) -> dict[str, str]:
         """What every host of an adapted backbone sees (`FEATURES`)."""
-        return _per_host(self.features, "adapted")
+        return self._per_host("features")
 
     def anchor_modes(self) -> dict[str, str]:
         """Where every host's drift maps start (`DRIFT_ANCHORS`)."""
-        return _per_host(self.drift_anchor, "previous")
+        return self._per_host("drift_anchor")
 
+    def _per_host(self, name: str) -> dict[str, str]:
+        """Option `name` for every host: one value for all, or a mapping host -> value where a host left out keeps
+        the option's default (`adapt={"ranpac": "every"}` leaves SimpleCIL on the default policy)."""
+        def spread(value: str | Mapping[str, str]) -> dict[str, str]:
+            return {h: value for h in HOSTS} if isinstance(value, str) else dict(value)
 
-def _per_host(option: str | Mapping[str, str], unnamed: str) -> dict[str, str]:
-    """One value for every host, or a mapping host -> value where hosts left out get `unnamed`."""
-    if isinstance(option, str):
-        return {h: option for h in HOSTS}
-    return {**{h: unnamed for h in HOSTS}, **dict(option)}
+        default = ContinualConfig.__dataclass_fields__[name]
+        default = default.default_factory() if callable(default.default_factory) else default.default
+        return {**spread(default), **spread(getattr(self, name))}
 
 
 def _make_host(host: str, config: ContinualConfig):
