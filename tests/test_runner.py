@@ -240,10 +240,10 @@ def test_cross_task_options_reach_each_mi_fisher_adapter_with_one_state_across_t
     calls = []
 
     def spy(model, *args, cross_task=None, **kwargs):
-        config = model.peft_config["default"]
-        calls.append((config.selection, config.frozen_quantile, config.overlap_decay, cross_task))
         frozen_before = sum(int(f.sum()) for f in cross_task.frozen.values()) if cross_task else 0
         result = train_mist(model, *args, cross_task=cross_task, **kwargs)
+        config = model.peft_config["default"]  # as the adapter would be saved after its selection
+        calls.append((config.selection, config.frozen_quantile, config.overlap_decay, cross_task))
         if cross_task is not None:
             assert sum(int(f.sum()) for f in cross_task.frozen.values()) > frozen_before  # the task froze entries
         return result

@@ -192,9 +192,8 @@ def adapt_backbone(backbone: nn.Module, method: str, loader: DataLoader, config:
         target_modules="all-linear", exclude_modules=exclude, density=config.density,
         grad_drop=0.0 if method == "mist-nodrop" else config.grad_drop, selection=selection,
         tune_biases_and_norms=config.tune_biases_and_norms,
-        frozen_quantile=cross_task.frozen_quantile if cross_task else None,
-        overlap_decay=cross_task.overlap_decay if cross_task else None,
         seed=config.seed + task_index))  # a fresh random subset (and dropout stream) per task, like MI-Fisher's
+    # the selection records the state's frozen_quantile / overlap_decay in the adapter's config (CrossTaskState.bind)
     result = train_mist(model, loader, head=head, config=train_config, accelerator=accelerator,
                         cross_task=cross_task)
     return model.merge_and_unload(), result["head"]
