@@ -71,3 +71,58 @@ def test_the_other_policys_diagnostic_rows_keep_their_policy_and_close_a_gap(ben
     assert summary["simplecil+mist[every]"]["gap_closed"] == pytest.approx((6 + 4) / (12 + 10))
     assert summary["simplecil+mist[every]@none"]["paired"]["last_acc"] == [24, 26]
     assert "gap_closed" not in summary["simplecil+mist"]  # nothing drifts on the first-task run
+
+
+@pytest.fixture(scope="module")
+def fusion_study():
+    """`benchmarks/fusion_weights.py` (it imports `recipe_study` from its own folder, as when run as a script)."""
+    import sys
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("fusion_weights", BENCH.parent / "fusion_weights.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    return module
+
+
+@pytest.mark.parametrize("host", ["simplecil", "ranpac"])
+def test_fusion_replay_reproduces_the_fused_host_and_both_ends(fusion_study, host):
+    """The study's replay must score weight 1 exactly as the runner's FusedHost, weight 0 as the host on the
+    pre-trained half alone (the frozen host) and weight inf as the host on the adapted half alone."""
+    import torch
+
+    from mist_peft.continual.hosts import FusedHost, RanPAC, SimpleCIL
+    from mist_peft.continual.metrics import continual_metrics
+    from mist_peft.continual.runner import _accuracies
+
+    config = {"projection_dim": 64, "seed": 3, "ranpac_resynthesis": "full", "ranpac_ridge": "all"}
+
+    def make():
+        return SimpleCIL() if host == "simplecil" else RanPAC(projection_dim=64, seed=3, ridge_validation="all")
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 16, generator=g)
+
+    def rows(classes, n):
+        y = torch.tensor(classes).repeat_interleave(n)
+        return centres[y] + 1.5 * torch.randn(len(y), 16, generator=g), y
+    fits = [rows([0, 1, 2], 20), rows([3, 4, 5], 20)]
+    tests = [rows([0, 1, 2], 15), rows([3, 4, 5], 15)]
+    record = {"fits": fits, "tests": [tests[:1], tests]}
+    replayed = fusion_study.replay(record, host, config)
+
+    def expected(fit_one, score_one):
+        matrix = []
+        for stage, (x, y) in enumerate(fits):
+            fit_one(x, y)
+            matrix.append(score_one(tests[: stage + 1]))
+        return {m: continual_metrics(matrix, task_sizes=[45, 45])[m] for m in fusion_study.METRICS}
+    fused = FusedHost(make(), make())
+    assert replayed[1.0] == expected(fused.fit_task, lambda seen: _accuracies(fused, seen))
+    for weight, half in ((0.0, slice(0, 8)), (float("inf"), slice(8, 16))):
+        alone = make()
+        assert replayed[weight] == expected(
+            lambda x, y, alone=alone, half=half: alone.fit_task(x[:, half], y),
+            lambda seen, alone=alone, half=half: _accuracies(alone, [(x[:, half], y) for x, y in seen]))
+    assert replayed[0.0] != replayed[float("inf")]  # the two halves differ, so the ends are really checked
