@@ -12,8 +12,9 @@ every weight is replayed on that record. Replaying w = 1 must give the runner's 
     python benchmarks/fusion_weights.py --summarise
 
 Results: benchmarks/results/fusion_weights/<suite>_<seed>.json and summary.md. The recording patches two private
-functions of the runner (`_host_for`, `_accuracies`): a study of host-side weights needs the hosts' inputs, which
-no public API returns; if the runner changes under it, the w = 1 check fails.
+functions of the runner (`_host_for`, `_accuracies`) and the replay builds hosts with its `_make_host`: a study
+of host-side weights needs the hosts' inputs, which no public API returns; if the runner changes under it, the
+w = 1 check fails.
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ from recipe_study import SUITES, held_out_validation
 
 from mist_peft.cli import build_parser, load_backbone, load_data, make_config, make_tasks
 from mist_peft.continual import runner
-from mist_peft.continual.hosts import RanPAC, SimpleCIL
 from mist_peft.continual.metrics import continual_metrics
+from mist_peft.continual.runner import ContinualConfig
 
 OUT = Path(__file__).resolve().parent / "results" / "fusion_weights"
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, float("inf"))
 METRICS = ("avg_acc", "last_acc", "forgetting")
 
 
-def record(suite: str, seed: int, val_per_class: int, data_dir: str | None) -> tuple[dict, dict, dict]:
+def record(suite: str, seed: int, val_per_class: int, data_dir: str | None
+           ) -> tuple[dict, ContinualConfig, dict]:
     """One default-recipe run with both hosts fused; returns (per-host fits and evaluations, config, rows)."""
     argv = ["continual", *SUITES[suite], "--seed", str(seed), "--features", "fuse", "--host", "simplecil,ranpac",
             "--methods", "mist"] + (["--data-dir", data_dir] if data_dir else [])
@@ -69,17 +71,13 @@ def record(suite: str, seed: int, val_per_class: int, data_dir: str | None) -> t
     finally:
         runner._host_for, runner._accuracies = host_for, accuracies
     rows = {name: {m: methods[f"{name}+mist"][m] for m in METRICS} for name in records}
-    return records, {"projection_dim": config.projection_dim, "seed": config.seed,
-                     "ranpac_resynthesis": config.ranpac_resynthesis, "ranpac_ridge": config.ranpac_ridge}, rows
+    return records, config, rows
 
 
-def replay(rec: dict, host: str, config: dict) -> dict[float, dict[str, float]]:
-    """Both halves fitted once per task as the runner did; every weight scored on the recorded evaluations."""
-    def make():
-        return SimpleCIL() if host == "simplecil" else RanPAC(
-            projection_dim=config["projection_dim"], seed=config["seed"],
-            resynthesis=config["ranpac_resynthesis"], ridge_validation=config["ranpac_ridge"])
-    pretrained, adapted = make(), make()
+def replay(rec: dict, host: str, config: ContinualConfig) -> dict[float, dict[str, float]]:
+    """Both halves built and fitted once per task as the runner's fused host does; every weight scored on the
+    recorded evaluations."""
+    pretrained, adapted = runner._make_host(host, config), runner._make_host(host, config)
     matrices: dict[float, list[list[float]]] = {w: [] for w in WEIGHTS}
     for (x, y), tests in zip(rec["fits"], rec["tests"], strict=True):
         split = x.shape[1] // 2

@@ -95,9 +95,9 @@ def test_fusion_replay_reproduces_the_fused_host_and_both_ends(fusion_study, hos
 
     from mist_peft.continual.hosts import FusedHost, RanPAC, SimpleCIL
     from mist_peft.continual.metrics import continual_metrics
-    from mist_peft.continual.runner import _accuracies
+    from mist_peft.continual.runner import ContinualConfig, _accuracies
 
-    config = {"projection_dim": 64, "seed": 3, "ranpac_resynthesis": "full", "ranpac_ridge": "all"}
+    config = ContinualConfig(projection_dim=64, seed=3)  # RanPAC's ridge validated with the old classes (default)
 
     def make():
         return SimpleCIL() if host == "simplecil" else RanPAC(projection_dim=64, seed=3, ridge_validation="all")
